@@ -1,0 +1,99 @@
+"""onnxruntime session on the requested device, checked after creation."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from embedder.errors import DeviceError, UsageError
+
+logger = logging.getLogger(__name__)
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+_DEVICE = re.compile(r"^(auto|cpu|cuda)(?::(\d+))?$")
+
+
+def parse_device(device: str) -> tuple[str, int]:
+    """'auto', 'cpu', 'cuda' or 'cuda:N' -> (kind, index)."""
+    match = _DEVICE.match(device.strip().lower())
+    if not match or (match.group(2) is not None and match.group(1) != "cuda"):
+        raise UsageError(f"device '{device}' is not one of: auto, cpu, cuda, cuda:N")
+    return match.group(1), int(match.group(2) or 0)
+
+
+@dataclass
+class Encoder:
+    """A session that maps padded token arrays to sentence vectors."""
+
+    session: object
+    input_names: tuple[str, ...]
+    provider: str
+    device: str
+
+    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if "token_type_ids" in self.input_names:
+            feeds["token_type_ids"] = np.zeros_like(input_ids)
+        return self.session.run(["sentence_embedding"], feeds)[0]
+
+
+def _session(ort, graph: Path, providers: list, threads: int | None):
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(graph), sess_options=options, providers=providers)
+
+
+def _cuda_provider(index: int) -> tuple[str, dict]:
+    # kSameAsRequested keeps the arena from doubling on every new batch shape.
+    return (CUDA, {"device_id": index, "arena_extend_strategy": "kSameAsRequested"})
+
+
+def _driver_missing() -> str | None:
+    """Why CUDA cannot work at all, checked before onnxruntime tries (and logs errors) on CPU hosts."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return "no NVIDIA driver on this machine (libcuda.so.1 not found)"
+    return None
+
+
+def create_encoder(graph: Path, device: str = "auto", threads: int | None = None) -> Encoder:
+    """A session on CUDA or CPU; asking for CUDA and not getting it raises DeviceError."""
+    import onnxruntime as ort
+
+    kind, index = parse_device(device)
+    if kind in ("cuda", "auto"):
+        available = ort.get_available_providers()
+        driver = _driver_missing()
+        if driver:
+            reason = driver
+        elif CUDA in available:
+            session = _session(ort, graph, [_cuda_provider(index), CPU], threads)
+            if session.get_providers()[0] == CUDA:
+                logger.info("running on CUDA device %d", index)
+                return _encoder(session, CUDA, f"cuda:{index}")
+            reason = (
+                "onnxruntime's CUDA provider did not load (it needs an NVIDIA driver, CUDA 13 and cuDNN 9 "
+                "libraries on the library path; onnxruntime logged the details above)"
+            )
+        else:
+            reason = f"this onnxruntime build has no CUDA provider (it has: {', '.join(available)}); install onnxruntime-gpu"
+        if kind == "cuda":
+            raise DeviceError(f"--device {device}: {reason}")
+        logger.info("device auto: CUDA unavailable, running on CPU (%s)", reason)
+    session = _session(ort, graph, [CPU], threads)
+    return _encoder(session, CPU, "cpu")
+
+
+def _encoder(session, provider: str, device: str) -> Encoder:
+    names = tuple(i.name for i in session.get_inputs())
+    return Encoder(session, names, provider, device)

@@ -1,0 +1,65 @@
+"""Fast tokenizer from the cached tokenizer.json: prompt prefix, explicit truncation, no padding.
+
+A model's tokenizer.json may carry its own padding and truncation (all-MiniLM-L6-v2's pads every
+row to 128 and cuts at 128 while the model says 256): both are set here from the manifest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from embedder.errors import UsageError
+
+
+@dataclass
+class TokenizedWindow:
+    """Token ids of a window's rows, flat, with per-row offsets (no per-row arrays)."""
+
+    ids: np.ndarray  # int64, all rows' tokens back to back
+    offsets: np.ndarray  # int64, row i is ids[offsets[i]:offsets[i+1]]
+    truncated: int  # rows cut at max_seq_length
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+class TextTokenizer:
+    """Tokenizes text exactly as the exported model expects it."""
+
+    def __init__(self, tokenizer_path: Path, max_seq_length: int, prompt: str = ""):
+        from tokenizers import Tokenizer
+
+        self._tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        self._tokenizer.no_padding()
+        self._tokenizer.enable_truncation(max_seq_length)
+        self.max_seq_length = max_seq_length
+        self.prompt = prompt
+
+    def encode(self, texts: list[str]) -> TokenizedWindow:
+        """Tokenize a window of non-null texts (prompt prepended, truncated)."""
+        if self.prompt:
+            texts = [self.prompt + t for t in texts]
+        encodings = self._tokenizer.encode_batch_fast(texts)
+        lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
+        offsets = np.zeros(len(encodings) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        ids = np.fromiter(
+            (i for e in encodings for i in e.ids), dtype=np.int64, count=int(offsets[-1])
+        )
+        truncated = sum(1 for e in encodings if e.overflowing)
+        return TokenizedWindow(ids, offsets, truncated)
+
+
+def resolve_prompt(prompt: str | None, prompts: dict[str, str], default_prompt_name: str | None) -> str:
+    """A prompt name from the model's config, else the literal prefix; None means the model default."""
+    if prompt is None:
+        if default_prompt_name:
+            if default_prompt_name not in prompts:
+                raise UsageError(f"model's default_prompt_name '{default_prompt_name}' is not among its prompts")
+            return prompts[default_prompt_name]
+        return ""
+    return prompts.get(prompt, prompt)
