@@ -46,6 +46,7 @@ def _require_torch():
             f"exporting a graph needs torch and transformers ({e}); install them "
             "(pip install 'torch==2.13.0' transformers) or point --cache-dir at a cache that holds the graph"
         ) from e
+    transformers.utils.logging.disable_progress_bar()  # per-tensor loading bars are noise in job logs
     return torch, transformers
 
 

@@ -1,0 +1,50 @@
+"""python -m jobs.export --model M: export and validate a model's graph, print its manifest."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from embedder.cache import get_or_export
+from embedder.config import ExportOptions, default_cache_dir
+from embedder.spec import load_spec, parse_pooling
+from jobs._cli import run_main, setup_logging
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.export",
+        description="Export a model's sentence-embedding pipeline to ONNX (or reuse the cached graph), "
+        "validate it against PyTorch, and print its manifest as JSON.",
+    )
+    parser.add_argument("--model", help="local folder or Hugging Face id in the local cache (default: all-MiniLM-L6-v2)")
+    parser.add_argument("--cache-dir", type=Path, help="graph cache (default: $EMBEDDER_CACHE or ~/.cache/embedder)")
+    parser.add_argument(
+        "--pooling",
+        help="override the model's pooling: cls, mean, max, mean_sqrt_len_tokens, weightedmean, lasttoken, "
+        "or pooler (the model's pooler_output, a different vector from sentence-transformers'); join with +",
+    )
+    parser.add_argument("--no-normalize", action="store_true", help="do not L2-normalize the output vectors")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+
+    def export() -> int:
+        pooling = parse_pooling(args.pooling) if args.pooling else None
+        spec = load_spec(args.model, pooling)
+        options = ExportOptions(normalize=not args.no_normalize)
+        artifact = get_or_export(spec, options, args.cache_dir or default_cache_dir())
+        print(json.dumps({"cache_hit": artifact.hit, "folder": str(artifact.folder), **artifact.manifest}, indent=2))
+        return 0
+
+    return run_main("jobs.export", export)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
