@@ -36,3 +36,39 @@ def default_cache_dir() -> Path:
         return Path(os.environ["EMBEDDER_CACHE"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
     return Path(base) / "embedder"
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """Everything one run of the batch job needs, checked once here."""
+
+    inputs: str
+    output: Path
+    model: str | None = None
+    text_col: str = "text"
+    keep_cols: tuple[str, ...] | None = None  # None: every column but the text column
+    device: str = "auto"
+    export: ExportOptions = ExportOptions()
+    max_seq_len: int | None = None  # None: the model's max_seq_length
+    max_tokens: int = 16384  # padded tokens (rows x longest row) per batch
+    max_batch_size: int = 256
+    window_rows: int = 20000
+    prompt: str | None = None  # None: the model's default prompt, if it has one
+    cache_dir: Path | None = None
+    threads: int | None = None
+    metrics_out: Path | None = None
+    overwrite: bool = False
+    progress: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("max_tokens", "max_batch_size", "window_rows"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.max_seq_len is not None and self.max_seq_len < 2:
+            raise UsageError(f"--max-seq-len must be at least 2, got {self.max_seq_len}")
+        if self.threads is not None and self.threads < 1:
+            raise UsageError(f"--threads must be at least 1, got {self.threads}")
+        if self.progress not in ("auto", "on", "off"):
+            raise UsageError(f"--progress must be auto, on or off, got {self.progress}")
+        if not self.text_col:
+            raise UsageError("--text-col must name a column")

@@ -34,6 +34,7 @@ class Encoder:
     input_names: tuple[str, ...]
     provider: str
     device: str
+    dim: int
 
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
@@ -96,4 +97,5 @@ def create_encoder(graph: Path, device: str = "auto", threads: int | None = None
 
 def _encoder(session, provider: str, device: str) -> Encoder:
     names = tuple(i.name for i in session.get_inputs())
-    return Encoder(session, names, provider, device)
+    dim = session.get_outputs()[0].shape[1]
+    return Encoder(session, names, provider, device, int(dim))

@@ -1,0 +1,192 @@
+"""Streaming Parquet input, atomic Parquet output, and the output schema and metadata."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from embedder.errors import InputError, OutputError, OutputExistsError, UsageError
+
+EMBEDDING_COLUMN = "embedding"
+METADATA_KEY = b"embedder"
+
+
+def resolve_inputs(spec: str) -> list[Path]:
+    """One Parquet file, a folder of them (recursively, in name order), or a glob."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(
+            p
+            for p in path.rglob("*.parquet")
+            if p.is_file() and not any(part.startswith((".", "_")) for part in p.relative_to(path).parts)
+        )
+        if not files:
+            raise InputError(f"input folder {spec} holds no .parquet files")
+        return files
+    if glob.has_magic(spec):
+        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file())
+        if not files:
+            raise InputError(f"input glob {spec} matches no files")
+        return files
+    raise InputError(f"input {spec} does not exist")
+
+
+def _is_text(arrow_type: pa.DataType) -> bool:
+    if pa.types.is_dictionary(arrow_type):
+        arrow_type = arrow_type.value_type
+    return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type) or pa.types.is_string_view(arrow_type)
+
+
+@dataclass(frozen=True)
+class InputSet:
+    """Validated input files: the columns to read and the schema of the carried columns."""
+
+    files: tuple[Path, ...]
+    text_col: str
+    keep_schema: pa.Schema
+    total_rows: int
+
+    @property
+    def keep_cols(self) -> list[str]:
+        return self.keep_schema.names
+
+
+def open_inputs(spec: str, text_col: str, keep_cols: list[str] | None) -> InputSet:
+    """Check every file's footer and schema before any work: bad input fails in the first second."""
+    files = resolve_inputs(spec)
+    keep_schema: pa.Schema | None = None
+    total = 0
+    for path in files:
+        try:
+            meta = pq.read_metadata(path)
+            schema = meta.schema.to_arrow_schema()
+        except (pa.ArrowInvalid, OSError) as e:
+            raise InputError(f"{path} is not a readable Parquet file: {e}") from e
+        if text_col not in schema.names:
+            raise InputError(f"{path}: column '{text_col}' not found; columns are: {', '.join(schema.names)}")
+        text_type = schema.field(text_col).type
+        if not _is_text(text_type):
+            raise InputError(f"{path}: column '{text_col}' is {text_type}, not a string column; choose one with --text-col")
+        if keep_schema is None:
+            names = [n for n in schema.names if n != text_col] if keep_cols is None else keep_cols
+            missing = [n for n in names if n not in schema.names]
+            if missing:
+                raise InputError(f"{path}: --keep-cols {', '.join(missing)} not found; columns are: {', '.join(schema.names)}")
+            if EMBEDDING_COLUMN in names:
+                raise UsageError(f"input already has a column '{EMBEDDING_COLUMN}'; leave it out with --keep-cols")
+            keep_schema = pa.schema([schema.field(n) for n in names])
+        else:
+            missing = [n for n in keep_schema.names if n not in schema.names]
+            if missing:
+                raise InputError(f"{path}: columns {', '.join(missing)} are missing (present in {files[0]})")
+        total += meta.num_rows
+    assert keep_schema is not None
+    return InputSet(tuple(files), text_col, keep_schema, total)
+
+
+def iter_record_batches(inputs: InputSet, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    """Record batches of the carried columns plus the text column (as plain strings), file by file."""
+    columns = [*inputs.keep_cols, inputs.text_col]
+    target = inputs.keep_schema.append(pa.field(inputs.text_col, pa.large_string()))
+    for path in inputs.files:
+        try:
+            reader = pq.ParquetFile(path)
+            for batch in reader.iter_batches(batch_size=batch_rows, columns=columns):
+                if batch.schema != target:
+                    batch = _conform(batch, target, path)
+                yield batch
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
+            raise InputError(f"{path}: cannot read: {e}") from e
+
+
+def _conform(batch: pa.RecordBatch, target: pa.Schema, path: Path) -> pa.RecordBatch:
+    """Decode dictionaries and cast to the first file's types, so every output row group agrees."""
+    arrays = []
+    for field in target:
+        column = batch.column(field.name)
+        if pa.types.is_dictionary(column.type):
+            column = column.dictionary_decode()
+        try:
+            arrays.append(column.cast(field.type))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+            raise InputError(f"{path}: column '{field.name}' is {column.type}, cannot be read as {field.type}: {e}") from e
+    return pa.RecordBatch.from_arrays(arrays, schema=target)
+
+
+def output_schema(keep_schema: pa.Schema, dim: int, metadata: dict) -> pa.Schema:
+    """Carried columns, then embedding: fixed_size_list<float32>[dim]; job facts in the metadata."""
+    fields = [*keep_schema, pa.field(EMBEDDING_COLUMN, pa.list_(pa.float32(), dim))]
+    return pa.schema(fields, metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
+
+
+def embedding_array(vectors: np.ndarray, valid: np.ndarray) -> pa.FixedSizeListArray:
+    """Vectors of the valid rows (in row order) spread over all rows; invalid rows become null."""
+    rows, dim = len(valid), vectors.shape[1]
+    values = np.zeros((rows, dim), dtype=np.float32)
+    values[valid] = vectors
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), dim, mask=pa.array(~valid))
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """Refuse an existing OUT (unless overwrite) and an output folder we cannot write, before any work."""
+    if out.is_dir():
+        raise UsageError(f"output {out} is a folder; give a file path")
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"output {out} exists; pass --overwrite to replace it")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"output folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"output folder {parent} is not writable")
+
+
+class ParquetOutput:
+    """Writes row groups to a hidden temporary file beside OUT and renames it into place on success.
+
+    Nothing appears at OUT until every row is written; on any error the temporary file is removed.
+    """
+
+    def __init__(self, out: Path, schema: pa.Schema, overwrite: bool):
+        self.out = out
+        self.schema = schema
+        self.overwrite = overwrite
+        self.tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        self.rows = 0
+        self._writer: pq.ParquetWriter | None = None
+
+    def __enter__(self) -> ParquetOutput:
+        try:
+            self._writer = pq.ParquetWriter(self.tmp, self.schema)
+        except OSError as e:
+            raise OutputError(f"cannot create {self.tmp}: {e}") from e
+        return self
+
+    def write(self, table: pa.Table) -> None:
+        try:
+            self._writer.write_table(table)
+        except OSError as e:
+            raise OutputError(f"writing {self.tmp} failed: {e}") from e
+        self.rows += table.num_rows
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self._writer.close()
+            if exc_type is None:
+                if self.out.exists() and not self.overwrite:
+                    raise OutputExistsError(f"output {self.out} appeared while the job ran; not replacing it")
+                os.replace(self.tmp, self.out)
+        except OSError as e:
+            if exc_type is None:
+                raise OutputError(f"finishing {self.out} failed: {e}") from e
+        finally:
+            self.tmp.unlink(missing_ok=True)

@@ -1,0 +1,145 @@
+"""The batch job: Parquet rows -> windows -> token ids -> length-sorted batches -> vectors -> Parquet."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pyarrow as pa
+
+from embedder import __version__
+from embedder.batching import pad_batch, plan_batches
+from embedder.cache import Artifact, get_or_export
+from embedder.config import JobConfig, default_cache_dir
+from embedder.errors import UnsupportedModelError, UsageError
+from embedder.io import (
+    EMBEDDING_COLUMN,
+    ParquetOutput,
+    check_output,
+    embedding_array,
+    iter_record_batches,
+    open_inputs,
+    output_schema,
+)
+from embedder.metrics import Metrics, Progress, summary_line, write_json_atomic
+from embedder.runtime import Encoder, create_encoder
+from embedder.spec import load_spec
+from embedder.tokenize import TextTokenizer, resolve_prompt
+
+logger = logging.getLogger(__name__)
+
+
+def run(config: JobConfig) -> dict:
+    """Embed every row of config.inputs into config.output; return the metrics."""
+    metrics = Metrics()
+    check_output(config.output, config.overwrite)
+    inputs = open_inputs(config.inputs, config.text_col, list(config.keep_cols) if config.keep_cols is not None else None)
+    logger.info("input: %d files, %d rows", len(inputs.files), inputs.total_rows)
+
+    with metrics.stage("model"):
+        spec = load_spec(config.model, config.export.pooling)
+        artifact = get_or_export(spec, config.export, config.cache_dir or default_cache_dir())
+        tokenizer = _tokenizer(artifact, config)
+        encoder = create_encoder(artifact.graph_path, config.device, config.threads)
+    metrics.cache_hit, metrics.provider, metrics.device = artifact.hit, encoder.provider, encoder.device
+    logger.info("model %s (dim %d, max_seq_length %d) on %s", spec.name, artifact.manifest["dim"],
+                tokenizer.max_seq_length, encoder.device)
+
+    schema = output_schema(inputs.keep_schema, artifact.manifest["dim"], _file_metadata(artifact, tokenizer))
+    pad_id = int(artifact.manifest["pad_token_id"])
+    progress = Progress(inputs.total_rows, config.progress)
+    try:
+        with ParquetOutput(config.output, schema, config.overwrite) as output:
+            for window in _windows(iter_record_batches(inputs, min(config.window_rows, 65536)), config.window_rows, metrics):
+                table = _embed_window(window, inputs.text_col, tokenizer, encoder, pad_id, config, metrics)
+                with metrics.stage("write"):
+                    output.write(table.cast(schema))
+                progress.update(window.num_rows)
+    finally:
+        progress.close()
+    result = metrics.to_dict()
+    result["output"] = str(config.output)
+    if config.metrics_out:
+        write_json_atomic(config.metrics_out, result)
+    logger.info("done: %s", summary_line(result))
+    return result
+
+
+def _tokenizer(artifact: Artifact, config: JobConfig) -> TextTokenizer:
+    manifest = artifact.manifest
+    limit = int(manifest["max_seq_length"])
+    if config.max_seq_len is not None and config.max_seq_len > limit:
+        raise UsageError(f"--max-seq-len {config.max_seq_len} exceeds the model's max_seq_length {limit}")
+    prompt = resolve_prompt(config.prompt, manifest.get("prompts") or {}, manifest.get("default_prompt_name"))
+    if prompt and not manifest.get("include_prompt", True):
+        raise UnsupportedModelError(
+            "this model excludes prompt tokens from pooling (include_prompt false), which the exported graph "
+            "does not reproduce; run without a prompt"
+        )
+    return TextTokenizer(artifact.tokenizer_path, config.max_seq_len or limit, prompt)
+
+
+def _file_metadata(artifact: Artifact, tokenizer: TextTokenizer) -> dict:
+    manifest = artifact.manifest
+    return {
+        "model": manifest["model"],
+        "model_hash": manifest["model_hash"],
+        "pooling": manifest["pooling"],
+        "dense": manifest["dense"],
+        "normalize": manifest["normalize"],
+        "dim": manifest["dim"],
+        "max_seq_length": tokenizer.max_seq_length,
+        "prompt": tokenizer.prompt,
+        "precision": manifest["precision"],
+        "graph_sha256": manifest["files"]["model.onnx"],
+        "embedder_version": __version__,
+    }
+
+
+def _windows(batches, window_rows: int, metrics: Metrics):
+    """Tables of exactly window_rows rows (the last may be shorter), read as they are needed."""
+    pending: list[pa.RecordBatch] = []
+    count = 0
+    iterator = iter(batches)
+    while True:
+        with metrics.stage("read"):
+            batch = next(iterator, None)
+        if batch is None:
+            break
+        pending.append(batch)
+        count += batch.num_rows
+        while count >= window_rows:
+            table = pa.Table.from_batches(pending)
+            yield table.slice(0, window_rows)
+            rest = table.slice(window_rows)
+            pending, count = rest.to_batches(), rest.num_rows
+    if count:
+        yield pa.Table.from_batches(pending)
+
+
+def _embed_window(window: pa.Table, text_col: str, tokenizer: TextTokenizer, encoder: Encoder, pad_id: int,
+                  config: JobConfig, metrics: Metrics) -> pa.Table:
+    """Vectors for one window's rows, in the window's order; null text gives a null vector."""
+    text = window.column(text_col)
+    valid = text.is_valid().to_numpy(zero_copy_only=False)
+    with metrics.stage("tokenize"):
+        tokens = tokenizer.encode(text.drop_null().to_pylist())
+    vectors = None
+    with metrics.stage("infer"):
+        for rows in plan_batches(tokens.lengths, config.max_tokens, config.max_batch_size):
+            batch = pad_batch(tokens.ids, tokens.offsets, rows, pad_id)
+            out = encoder(batch.input_ids, batch.attention_mask)
+            if vectors is None:
+                vectors = np.empty((len(tokens.lengths), out.shape[1]), dtype=np.float32)
+            vectors[batch.rows] = out
+            metrics.batches += 1
+            metrics.real_tokens += batch.real_tokens
+            metrics.padded_tokens += batch.padded_tokens
+    if vectors is None:  # every row null
+        vectors = np.empty((0, encoder.dim), dtype=np.float32)
+    metrics.windows += 1
+    metrics.rows += window.num_rows
+    metrics.null_rows += int((~valid).sum())
+    metrics.truncated_rows += tokens.truncated
+    carried = window.drop_columns([text_col])
+    return carried.append_column(EMBEDDING_COLUMN, embedding_array(vectors, valid))

@@ -1,0 +1,87 @@
+"""python -m jobs.embed --in IN --out OUT: embed a Parquet text column into normalized vectors.
+
+Exit codes: 0 done; 1 failure at run time; 2 bad input or usage; 130 interrupted.
+The metrics JSON is the last line of stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from embedder.config import DEFAULT_OPSET, PRECISIONS, ExportOptions, JobConfig
+from embedder.spec import parse_pooling
+from jobs._cli import run_main, setup_logging
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m jobs.embed",
+        description="Embed a Parquet text column with a sentence-transformers model exported to ONNX; "
+        "write the carried columns plus a normalized 'embedding' column to Parquet.",
+        epilog="Exit codes: 0 done, 1 run-time failure, 2 bad input or usage, 130 interrupted.",
+    )
+    p.add_argument("--in", dest="inputs", required=True, help="a Parquet file, a folder of them, or a glob")
+    p.add_argument("--out", required=True, type=Path, help="output Parquet file (appears only when complete)")
+    p.add_argument("--model", help="local folder or Hugging Face id in the local cache (default: all-MiniLM-L6-v2)")
+    p.add_argument("--text-col", default="text", help="column holding the text (default: text)")
+    p.add_argument("--keep-cols", help="comma-separated columns to carry to the output (default: all but the text column; '' for none)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (auto takes CUDA only if it really loads)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="graph precision (default fp32)")
+    p.add_argument("--pooling", help="override the model's pooling (cls, mean, max, ..., or pooler: the model's pooler_output)")
+    p.add_argument("--max-seq-len", type=int, help="truncate texts to this many tokens (default and maximum: the model's)")
+    p.add_argument("--max-tokens", type=int, default=16384, help="padded-token budget per batch: rows x longest row (default 16384)")
+    p.add_argument("--max-batch-size", type=int, default=256, help="most rows in one batch (default 256)")
+    p.add_argument("--window-rows", type=int, default=20000, help="rows read, sorted by length and embedded together; bounds memory (default 20000)")
+    p.add_argument("--prompt", help="prefix for every text, or the name of a prompt in the model's config (default: the model's default prompt, if any)")
+    p.add_argument("--cache-dir", type=Path, help="graph cache (default: $EMBEDDER_CACHE or ~/.cache/embedder)")
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: one per core)")
+    p.add_argument("--metrics-out", type=Path, help="also write the metrics JSON to this file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--progress", default="auto", choices=("auto", "on", "off"), help="progress bar on a terminal, log lines otherwise (default auto)")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> JobConfig:
+    keep = None if args.keep_cols is None else tuple(c.strip() for c in args.keep_cols.split(",") if c.strip())
+    pooling = parse_pooling(args.pooling) if args.pooling else None
+    return JobConfig(
+        inputs=args.inputs,
+        output=args.out,
+        model=args.model,
+        text_col=args.text_col,
+        keep_cols=keep,
+        device=args.device,
+        export=ExportOptions(pooling=pooling, precision=args.precision, opset=DEFAULT_OPSET),
+        max_seq_len=args.max_seq_len,
+        max_tokens=args.max_tokens,
+        max_batch_size=args.max_batch_size,
+        window_rows=args.window_rows,
+        prompt=args.prompt,
+        cache_dir=args.cache_dir,
+        threads=args.threads,
+        metrics_out=args.metrics_out,
+        overwrite=args.overwrite,
+        progress=args.progress,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+
+    def embed() -> int:
+        from embedder.job import run  # after argument parsing: --help stays instant
+
+        metrics = run(config_from_args(args))
+        print(json.dumps(metrics, sort_keys=True), flush=True)
+        return 0
+
+    return run_main("jobs.embed", embed)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
