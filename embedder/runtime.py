@@ -67,6 +67,16 @@ def _driver_missing() -> str | None:
     return None
 
 
+def _preload_cuda_libraries(ort) -> None:
+    """Load CUDA and cuDNN from the nvidia-* pip wheels (onnxruntime-gpu[cuda,cudnn]) when installed."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        try:
+            preload()
+        except Exception as e:  # a system CUDA install may still serve; the session check decides
+            logger.debug("onnxruntime.preload_dlls: %s", e)
+
+
 def create_encoder(graph: Path, device: str = "auto", threads: int | None = None) -> Encoder:
     """A session on CUDA or CPU; asking for CUDA and not getting it raises DeviceError."""
     import onnxruntime as ort
@@ -78,6 +88,7 @@ def create_encoder(graph: Path, device: str = "auto", threads: int | None = None
         if driver:
             reason = driver
         elif CUDA in available:
+            _preload_cuda_libraries(ort)
             session = _session(ort, graph, [_cuda_provider(index), CPU], threads)
             if session.get_providers()[0] == CUDA:
                 logger.info("running on CUDA device %d", index)
