@@ -59,6 +59,10 @@ class JobConfig:
     metrics_out: Path | None = None
     overwrite: bool = False
     progress: str = "auto"
+    shard: tuple[int, int] = (0, 1)  # (index, count): this job embeds part index of count
+    resume: bool = False  # insist on resuming committed progress (it is resumed by default anyway)
+    restart: bool = False  # discard committed progress
+    prometheus_out: Path | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_tokens", "max_batch_size", "window_rows"):
@@ -70,5 +74,7 @@ class JobConfig:
             raise UsageError(f"--threads must be at least 1, got {self.threads}")
         if self.progress not in ("auto", "on", "off"):
             raise UsageError(f"--progress must be auto, on or off, got {self.progress}")
+        if self.resume and self.restart:
+            raise UsageError("--resume and --restart contradict each other; pick one")
         if not self.text_col:
             raise UsageError("--text-col must name a column")

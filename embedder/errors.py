@@ -3,7 +3,9 @@
 Exit codes (documented in README):
     0  success
     1  failure at run time (export validation failed, device unavailable, write failed)
-    2  bad input or usage (missing file, not Parquet, missing column, model not found, output exists)
+    2  bad input or usage (missing file, not Parquet, missing column, model not found, output exists,
+       progress in the work folder from a run with other options)
+    130, 143  stopped by SIGINT or SIGTERM (128 + signal number); rerun to resume
 """
 
 from __future__ import annotations
@@ -59,3 +61,18 @@ class DeviceError(EmbedderError, RuntimeError):
 
 class OutputError(EmbedderError, OSError):
     """Writing the output failed (unwritable folder, full disk)."""
+
+
+class LockedError(EmbedderError, RuntimeError):
+    """Another job holds the lock on the same output."""
+
+
+class Interrupted(EmbedderError):
+    """SIGTERM or SIGINT stopped the job after it committed what was complete."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped by {name}; committed windows are kept, rerun the same command to resume")
+        self.exit_code = 128 + signum

@@ -44,28 +44,67 @@ def resolve_inputs(spec: str) -> list[Path]:
 def _is_text(arrow_type: pa.DataType) -> bool:
     if pa.types.is_dictionary(arrow_type):
         arrow_type = arrow_type.value_type
-    return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type) or pa.types.is_string_view(arrow_type)
+    return any(check(arrow_type) for check in (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view,
+                                              pa.types.is_binary, pa.types.is_large_binary))
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One row group of one file: the grain of sharding and of resuming."""
+
+    file: Path
+    row_group: int
+    rows: int
 
 
 @dataclass(frozen=True)
 class InputSet:
-    """Validated input files: the columns to read and the schema of the carried columns."""
+    """Validated input: the row groups to read, in order, and the schema of the carried columns."""
 
-    files: tuple[Path, ...]
+    units: tuple[Unit, ...]
     text_col: str
     keep_schema: pa.Schema
-    total_rows: int
 
     @property
     def keep_cols(self) -> list[str]:
         return self.keep_schema.names
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        return tuple(dict.fromkeys(u.file for u in self.units))
+
+    @property
+    def total_rows(self) -> int:
+        return sum(u.rows for u in self.units)
+
+    def shard(self, index: int, count: int) -> InputSet:
+        """A contiguous, row-balanced part of the row groups; shards 0..count-1 in order are the whole."""
+        total = self.total_rows
+        chosen, start = [], 0
+        for unit in self.units:
+            # A row group belongs to the shard its first row falls in.
+            if (start * count // total if total else 0) == index:
+                chosen.append(unit)
+            start += unit.rows
+        return InputSet(tuple(chosen), self.text_col, self.keep_schema)
+
+
+def parse_shard(value: str) -> tuple[int, int]:
+    """'I/N' -> (I, N) with 0 <= I < N."""
+    try:
+        index, count = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard {value}: expected I/N, for example 0/4") from None
+    if count < 1 or not 0 <= index < count:
+        raise UsageError(f"--shard {value}: need 0 <= I < N")
+    return index, count
 
 
 def open_inputs(spec: str, text_col: str, keep_cols: list[str] | None) -> InputSet:
     """Check every file's footer and schema before any work: bad input fails in the first second."""
     files = resolve_inputs(spec)
     keep_schema: pa.Schema | None = None
-    total = 0
+    units: list[Unit] = []
     for path in files:
         try:
             meta = pq.read_metadata(path)
@@ -76,7 +115,10 @@ def open_inputs(spec: str, text_col: str, keep_cols: list[str] | None) -> InputS
             raise InputError(f"{path}: column '{text_col}' not found; columns are: {', '.join(schema.names)}")
         text_type = schema.field(text_col).type
         if not _is_text(text_type):
-            raise InputError(f"{path}: column '{text_col}' is {text_type}, not a string column; choose one with --text-col")
+            raise InputError(
+                f"{path}: column '{text_col}' is {text_type}, not a string or binary (UTF-8) column; "
+                "choose one with --text-col"
+            )
         if keep_schema is None:
             names = [n for n in schema.names if n != text_col] if keep_cols is None else keep_cols
             missing = [n for n in names if n not in schema.names]
@@ -89,38 +131,73 @@ def open_inputs(spec: str, text_col: str, keep_cols: list[str] | None) -> InputS
             missing = [n for n in keep_schema.names if n not in schema.names]
             if missing:
                 raise InputError(f"{path}: columns {', '.join(missing)} are missing (present in {files[0]})")
-        total += meta.num_rows
+        units += [Unit(path, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups)]
     assert keep_schema is not None
-    return InputSet(tuple(files), text_col, keep_schema, total)
+    return InputSet(tuple(units), text_col, keep_schema)
 
 
-def iter_record_batches(inputs: InputSet, batch_rows: int) -> Iterator[pa.RecordBatch]:
-    """Record batches of the carried columns plus the text column (as plain strings), file by file."""
+def iter_record_batches(inputs: InputSet, batch_rows: int, skip_rows: int = 0) -> Iterator[pa.RecordBatch]:
+    """Record batches of the carried columns plus the text column (as plain strings), in order.
+
+    skip_rows rows are skipped without reading the row groups that hold only skipped rows.
+    """
     columns = [*inputs.keep_cols, inputs.text_col]
     target = inputs.keep_schema.append(pa.field(inputs.text_col, pa.large_string()))
     for path in inputs.files:
+        units = [u for u in inputs.units if u.file == path]
+        groups = []
+        for unit in units:
+            if skip_rows >= unit.rows:
+                skip_rows -= unit.rows
+            else:
+                groups.append(unit.row_group)
+        if not groups:
+            continue
         try:
             reader = pq.ParquetFile(path)
-            for batch in reader.iter_batches(batch_size=batch_rows, columns=columns):
+            file_row = sum(reader.metadata.row_group(i).num_rows for i in range(groups[0]))
+            for batch in reader.iter_batches(batch_size=batch_rows, row_groups=groups, columns=columns):
+                file_row += batch.num_rows
+                if skip_rows:
+                    batch, skip_rows = batch.slice(min(skip_rows, batch.num_rows)), max(0, skip_rows - batch.num_rows)
+                    if not batch.num_rows:
+                        continue
                 if batch.schema != target:
-                    batch = _conform(batch, target, path)
+                    batch = _conform(batch, target, path, file_row - batch.num_rows)
                 yield batch
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
             raise InputError(f"{path}: cannot read: {e}") from e
 
 
-def _conform(batch: pa.RecordBatch, target: pa.Schema, path: Path) -> pa.RecordBatch:
+def _conform(batch: pa.RecordBatch, target: pa.Schema, path: Path, first_row: int) -> pa.RecordBatch:
     """Decode dictionaries and cast to the first file's types, so every output row group agrees."""
     arrays = []
     for field in target:
         column = batch.column(field.name)
         if pa.types.is_dictionary(column.type):
             column = column.dictionary_decode()
+        if field is target.field(-1) and (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+            _check_utf8(column, field.name, path, first_row)
         try:
             arrays.append(column.cast(field.type))
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
             raise InputError(f"{path}: column '{field.name}' is {column.type}, cannot be read as {field.type}: {e}") from e
     return pa.RecordBatch.from_arrays(arrays, schema=target)
+
+
+def _check_utf8(column: pa.Array, name: str, path: Path, first_row: int) -> None:
+    """Binary text must be UTF-8; name the first bad row rather than guess an encoding."""
+    try:
+        column.cast(pa.large_string())
+    except pa.ArrowInvalid:
+        for row, value in enumerate(column.to_pylist()):
+            try:
+                value is None or value.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(
+                    f"{path}: column '{name}' holds bytes that are not valid UTF-8 (row {first_row + row}: {e.reason} "
+                    f"at byte {e.start}); decode or clean the text before embedding"
+                ) from None
 
 
 def output_schema(keep_schema: pa.Schema, dim: int, metadata: dict) -> pa.Schema:

@@ -1,8 +1,15 @@
-"""The batch job: Parquet rows -> windows -> token ids -> length-sorted batches -> vectors -> Parquet."""
+"""The batch job: Parquet rows -> windows -> token ids -> length-sorted batches -> vectors -> Parquet.
+
+Each window is committed to the work folder as soon as it is embedded (see checkpoint.py), so a
+killed job resumes where it stopped; OUT appears only when every window is in.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
 
 import numpy as np
 import pyarrow as pa
@@ -10,17 +17,11 @@ import pyarrow as pa
 from embedder import __version__
 from embedder.batching import pad_batch, plan_batches
 from embedder.cache import Artifact, get_or_export
+from embedder.checkpoint import WorkFolder
 from embedder.config import JobConfig, default_cache_dir
-from embedder.errors import UnsupportedModelError, UsageError
-from embedder.io import (
-    EMBEDDING_COLUMN,
-    ParquetOutput,
-    check_output,
-    embedding_array,
-    iter_record_batches,
-    open_inputs,
-    output_schema,
-)
+from embedder.errors import Interrupted, UnsupportedModelError, UsageError
+from embedder.faults import crash_point
+from embedder.io import EMBEDDING_COLUMN, InputSet, check_output, embedding_array, iter_record_batches, open_inputs, output_schema
 from embedder.metrics import Metrics, Progress, summary_line, write_json_atomic
 from embedder.runtime import Encoder, create_encoder
 from embedder.spec import load_spec
@@ -30,11 +31,13 @@ logger = logging.getLogger(__name__)
 
 
 def run(config: JobConfig) -> dict:
-    """Embed every row of config.inputs into config.output; return the metrics."""
+    """Embed every row of config.inputs (or of its shard) into config.output; return the metrics."""
     metrics = Metrics()
     check_output(config.output, config.overwrite)
     inputs = open_inputs(config.inputs, config.text_col, list(config.keep_cols) if config.keep_cols is not None else None)
-    logger.info("input: %d files, %d rows", len(inputs.files), inputs.total_rows)
+    inputs = inputs.shard(*config.shard)
+    logger.info("input: %d files, %d row groups, %d rows (shard %d/%d)", len(inputs.files), len(inputs.units),
+                inputs.total_rows, *config.shard)
 
     with metrics.stage("model"):
         spec = load_spec(config.model, config.export.pooling)
@@ -45,24 +48,89 @@ def run(config: JobConfig) -> dict:
     logger.info("model %s (dim %d, max_seq_length %d) on %s", spec.name, artifact.manifest["dim"],
                 tokenizer.max_seq_length, encoder.device)
 
-    schema = output_schema(inputs.keep_schema, artifact.manifest["dim"], _file_metadata(artifact, tokenizer))
+    file_metadata = _file_metadata(artifact, tokenizer)
+    schema = output_schema(inputs.keep_schema, artifact.manifest["dim"], file_metadata)
     pad_id = int(artifact.manifest["pad_token_id"])
-    progress = Progress(inputs.total_rows, config.progress)
-    try:
-        with ParquetOutput(config.output, schema, config.overwrite) as output:
-            for window in _windows(iter_record_batches(inputs, min(config.window_rows, 65536)), config.window_rows, metrics):
-                table = _embed_window(window, inputs.text_col, tokenizer, encoder, pad_id, config, metrics)
+    work = WorkFolder(config.output)
+    with work.locked(), _stop_on_signals() as stop:
+        done = work.prepare(_fingerprint(config, inputs, file_metadata), config.restart, config.resume)
+        skip = min(done * config.window_rows, inputs.total_rows)
+        metrics.resumed_rows = skip
+        progress = Progress(inputs.total_rows, config.progress, initial=skip)
+        windows = done
+        try:
+            batches = iter_record_batches(inputs, min(config.window_rows, 65536), skip_rows=skip)
+            for window in _windows(batches, config.window_rows, metrics):
+                table = _embed_window(window, inputs.text_col, tokenizer, encoder, pad_id, config, metrics, stop)
                 with metrics.stage("write"):
-                    output.write(table.cast(schema))
+                    work.commit(windows, table.cast(schema))
+                windows += 1
                 progress.update(window.num_rows)
-    finally:
-        progress.close()
+                crash_point("window", windows)
+                stop.check()
+        finally:
+            progress.close()
+        with metrics.stage("write"):
+            metrics.output_rows = work.merge_into(config.output, schema, config.overwrite, windows)
+    work.remove()
     result = metrics.to_dict()
     result["output"] = str(config.output)
     if config.metrics_out:
         write_json_atomic(config.metrics_out, result)
     logger.info("done: %s", summary_line(result))
     return result
+
+
+def _fingerprint(config: JobConfig, inputs: InputSet, file_metadata: dict) -> dict:
+    """What committed progress belongs to; a rerun resumes only if all of it is the same."""
+    files = {}
+    for path in inputs.files:
+        stat = path.stat()
+        files[str(path.resolve())] = [stat.st_size, stat.st_mtime_ns]
+    return {
+        "inputs": files,
+        "row_groups": [[str(u.file.resolve()), u.row_group] for u in inputs.units],
+        "columns": [config.text_col, *inputs.keep_cols],
+        "model": file_metadata["model_hash"],
+        "graph": file_metadata["graph_sha256"],
+        "max_seq_length": file_metadata["max_seq_length"],
+        "prompt": file_metadata["prompt"],
+        "shard": list(config.shard),
+        # Batching shapes the floating-point sums: keep it equal so a resumed run is bit-identical.
+        "batching": [config.window_rows, config.max_tokens, config.max_batch_size],
+    }
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGINT; the job checks it between batches and stops with what it committed."""
+
+    def __init__(self):
+        self.signum: int | None = None
+
+    def check(self) -> None:
+        if self.signum is not None:
+            raise Interrupted(self.signum)
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    stop = _StopFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop  # signal handlers can only be installed from the main thread
+        return
+
+    def handle(signum, _frame):
+        if stop.signum is not None:  # a second signal: stop now
+            raise Interrupted(signum)
+        stop.signum = signum
+        logger.warning("%s received: finishing the batch in flight, then stopping", signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _tokenizer(artifact: Artifact, config: JobConfig) -> TextTokenizer:
@@ -118,25 +186,22 @@ def _windows(batches, window_rows: int, metrics: Metrics):
 
 
 def _embed_window(window: pa.Table, text_col: str, tokenizer: TextTokenizer, encoder: Encoder, pad_id: int,
-                  config: JobConfig, metrics: Metrics) -> pa.Table:
+                  config: JobConfig, metrics: Metrics, stop: _StopFlag) -> pa.Table:
     """Vectors for one window's rows, in the window's order; null text gives a null vector."""
     text = window.column(text_col)
     valid = text.is_valid().to_numpy(zero_copy_only=False)
     with metrics.stage("tokenize"):
         tokens = tokenizer.encode(text.drop_null().to_pylist())
-    vectors = None
+    vectors = np.empty((len(tokens.lengths), encoder.dim), dtype=np.float32)
     with metrics.stage("infer"):
         for rows in plan_batches(tokens.lengths, config.max_tokens, config.max_batch_size):
             batch = pad_batch(tokens.ids, tokens.offsets, rows, pad_id)
-            out = encoder(batch.input_ids, batch.attention_mask)
-            if vectors is None:
-                vectors = np.empty((len(tokens.lengths), out.shape[1]), dtype=np.float32)
-            vectors[batch.rows] = out
+            vectors[batch.rows] = encoder(batch.input_ids, batch.attention_mask)
             metrics.batches += 1
             metrics.real_tokens += batch.real_tokens
             metrics.padded_tokens += batch.padded_tokens
-    if vectors is None:  # every row null
-        vectors = np.empty((0, encoder.dim), dtype=np.float32)
+            crash_point("batch", metrics.batches)
+            stop.check()  # abandon the window: it is not committed, a rerun redoes it
     metrics.windows += 1
     metrics.rows += window.num_rows
     metrics.null_rows += int((~valid).sum())

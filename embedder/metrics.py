@@ -28,6 +28,8 @@ class Metrics:
     batches: int = 0
     truncated_rows: int = 0
     windows: int = 0
+    resumed_rows: int = 0  # rows committed by an earlier, interrupted run and not redone
+    output_rows: int = 0
     provider: str = ""
     device: str = ""
     cache_hit: bool | None = None
@@ -55,6 +57,8 @@ class Metrics:
             "padding_efficiency": self.real_tokens / self.padded_tokens if self.padded_tokens else None,
             "batches": self.batches,
             "windows": self.windows,
+            "resumed_rows": self.resumed_rows,
+            "output_rows": self.output_rows,
             "wall_seconds": round(wall, 4),
             "stage_seconds": {k: round(v, 4) for k, v in self.stage_seconds.items()},
             "rows_per_second": round(self.rows / wall, 2) if wall > 0 else None,
@@ -91,15 +95,15 @@ def write_json_atomic(path: Path, payload: dict) -> None:
 class Progress:
     """A tqdm bar on a terminal; a log line every `interval` seconds otherwise (cron, Airflow)."""
 
-    def __init__(self, total: int, mode: str = "auto", interval: float = 30.0):
-        self.total, self.done, self.interval = total, 0, interval
+    def __init__(self, total: int, mode: str = "auto", interval: float = 30.0, initial: int = 0):
+        self.total, self.done, self.interval = total, initial, interval
         use_bar = mode == "on" or (mode == "auto" and sys.stderr.isatty())
         self._log = mode == "auto" and not use_bar
         self._bar = None
         if use_bar:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, unit="rows", dynamic_ncols=True, smoothing=0.1)
+            self._bar = tqdm(total=total, initial=initial, unit="rows", dynamic_ncols=True, smoothing=0.1)
         self._start = self._last = time.perf_counter()
 
     def update(self, rows: int) -> None:
@@ -115,3 +119,38 @@ class Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+# Prometheus text format for node_exporter's textfile collector: name, help, and the metrics key.
+_PROMETHEUS = (
+    ("embedder_rows", "Rows embedded by this run", "rows"),
+    ("embedder_null_rows", "Rows with null text (null vectors)", "null_rows"),
+    ("embedder_output_rows", "Rows in the output file", "output_rows"),
+    ("embedder_real_tokens", "Tokens of the rows, specials included", "real_tokens"),
+    ("embedder_padded_tokens", "Tokens fed to the graph, padding included", "padded_tokens"),
+    ("embedder_padding_efficiency", "Real over padded tokens", "padding_efficiency"),
+    ("embedder_wall_seconds", "Wall time of the run", "wall_seconds"),
+    ("embedder_rows_per_second", "Rows per wall second", "rows_per_second"),
+    ("embedder_tokens_per_second", "Real tokens per wall second", "tokens_per_second"),
+    ("embedder_peak_rss_megabytes", "Peak resident memory", "peak_rss_mb"),
+)
+
+
+def write_prometheus(path: Path, output: str, exit_code: int, metrics: dict | None) -> None:
+    """Write the run's figures atomically (the collector must never read a half-written file)."""
+    label = '{output="%s"}' % output.replace("\\", "\\\\").replace('"', '\\"')
+    lines = [
+        "# HELP embedder_last_exit_code Exit code of the last run (0 success)",
+        "# TYPE embedder_last_exit_code gauge",
+        f"embedder_last_exit_code{label} {exit_code}",
+        "# HELP embedder_last_run_timestamp_seconds When the last run ended",
+        "# TYPE embedder_last_run_timestamp_seconds gauge",
+        f"embedder_last_run_timestamp_seconds{label} {time.time():.3f}",
+    ]
+    for name, help_text, key in _PROMETHEUS if metrics else ():
+        value = metrics.get(key)
+        if value is not None:
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name}{label} {value}"]
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)

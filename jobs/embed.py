@@ -1,6 +1,7 @@
 """python -m jobs.embed --in IN --out OUT: embed a Parquet text column into normalized vectors.
 
-Exit codes: 0 done; 1 failure at run time; 2 bad input or usage; 130 interrupted.
+Exit codes: 0 done; 1 failure at run time; 2 bad input or usage; 130/143 stopped by SIGINT/SIGTERM
+(committed windows are kept: rerun the same command to resume).
 The metrics JSON is the last line of stdout.
 """
 
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 
 from embedder.config import DEFAULT_OPSET, PRECISIONS, ExportOptions, JobConfig
+from embedder.io import parse_shard
 from embedder.spec import parse_pooling
 from jobs._cli import run_main, setup_logging
 
@@ -21,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m jobs.embed",
         description="Embed a Parquet text column with a sentence-transformers model exported to ONNX; "
         "write the carried columns plus a normalized 'embedding' column to Parquet.",
-        epilog="Exit codes: 0 done, 1 run-time failure, 2 bad input or usage, 130 interrupted.",
+        epilog="Exit codes: 0 done, 1 run-time failure, 2 bad input or usage, 130/143 stopped by SIGINT/SIGTERM "
+        "(rerun the same command to resume).",
     )
     p.add_argument("--in", dest="inputs", required=True, help="a Parquet file, a folder of them, or a glob")
     p.add_argument("--out", required=True, type=Path, help="output Parquet file (appears only when complete)")
@@ -40,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: one per core)")
     p.add_argument("--metrics-out", type=Path, help="also write the metrics JSON to this file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--shard", default="0/1", help="I/N: embed only part I of N (by file and row group); the N outputs in order make the whole (default 0/1)")
+    p.add_argument("--resume", action="store_true", help="require committed progress to resume (a rerun resumes by default)")
+    p.add_argument("--restart", action="store_true", help="discard committed progress of an earlier run and start over")
+    p.add_argument("--prometheus-out", type=Path, help="write metrics in Prometheus text format (node_exporter textfile collector)")
     p.add_argument("--progress", default="auto", choices=("auto", "on", "off"), help="progress bar on a terminal, log lines otherwise (default auto)")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     return p
@@ -66,6 +73,10 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         metrics_out=args.metrics_out,
         overwrite=args.overwrite,
         progress=args.progress,
+        shard=parse_shard(args.shard),
+        resume=args.resume,
+        restart=args.restart,
+        prometheus_out=args.prometheus_out,
     )
 
 
@@ -73,14 +84,24 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
 
+    outcome: dict = {}
+
     def embed() -> int:
         from embedder.job import run  # after argument parsing: --help stays instant
 
-        metrics = run(config_from_args(args))
-        print(json.dumps(metrics, sort_keys=True), flush=True)
+        outcome["metrics"] = run(config_from_args(args))
+        print(json.dumps(outcome["metrics"], sort_keys=True), flush=True)
         return 0
 
-    return run_main("jobs.embed", embed)
+    code = run_main("jobs.embed", embed)
+    if args.prometheus_out:
+        from embedder.metrics import write_prometheus
+
+        try:
+            write_prometheus(args.prometheus_out, str(args.out), code, outcome.get("metrics"))
+        except OSError as e:
+            print(f"jobs.embed: warning: cannot write {args.prometheus_out}: {e}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

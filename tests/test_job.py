@@ -188,7 +188,7 @@ def body_only(tmp_path) -> Path:
         (lambda tmp, fx: str(tmp / "missing.parquet"), [], 2, "does not exist"),
         (lambda tmp, fx: str(fx["not_parquet"]), [], 2, "is not a readable Parquet file"),
         (lambda tmp, fx: str(fx["body_only"]), [], 2, "column 'text' not found; columns are: id, body"),
-        (lambda tmp, fx: str(fx["numbers"]), [], 2, "column 'text' is int64, not a string column"),
+        (lambda tmp, fx: str(fx["numbers"]), [], 2, "column 'text' is int64, not a string or binary (UTF-8) column"),
         (lambda tmp, fx: str(fx["body_only"]), ["--text-col", "body", "--model", "no-such/model"], 2,
          "model 'no-such/model' not found"),
         (lambda tmp, fx: str(tmp / "*.nothing"), [], 2, "matches no files"),

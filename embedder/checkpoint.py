@@ -1,0 +1,137 @@
+"""Progress that survives kill -9: a work folder beside OUT with one committed part file per window.
+
+    .OUT.work/fingerprint.json   what the progress belongs to (inputs, model, graph, options)
+    .OUT.work/part-00000.parquet one per committed window, written to a temporary name, fsynced, renamed
+
+A rerun with the same fingerprint skips the committed windows; the final OUT is the parts merged in
+order, written atomically, after which the work folder is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from embedder.errors import InputError, LockedError, OutputError, UsageError
+from embedder.faults import crash_point
+from embedder.io import ParquetOutput
+
+logger = logging.getLogger(__name__)
+
+FINGERPRINT = "fingerprint.json"
+
+
+class WorkFolder:
+    """The committed windows of one job writing OUT."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.path = out.with_name(f".{out.name}.work")
+
+    @contextlib.contextmanager
+    def locked(self):
+        """Hold an exclusive lock on the work folder: a second job writing the same OUT fails at once."""
+        try:
+            self.path.mkdir(exist_ok=True)
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError as e:
+            raise OutputError(f"cannot create work folder {self.path}: {e}") from e
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise LockedError(f"another job is writing {self.out} (its work folder {self.path} is locked)") from None
+            yield self
+        finally:
+            os.close(fd)
+
+    def prepare(self, fingerprint: dict, restart: bool, require_resume: bool) -> int:
+        """Number of windows already committed for this fingerprint (0 for a fresh start)."""
+        stored_file = self.path / FINGERPRINT
+        if restart:
+            self._clear()
+        stored = json.loads(stored_file.read_text()) if stored_file.is_file() else None
+        if stored is not None and stored != fingerprint:
+            differs = sorted(k for k in fingerprint.keys() | stored.keys() if fingerprint.get(k) != stored.get(k))
+            raise UsageError(
+                f"{self.path} holds progress of a run with different {', '.join(differs)}; rerun with the "
+                "original options to resume it, or add --restart to discard it"
+            )
+        # Temporary files of a killed run (a part being written, a final write): we hold the lock,
+        # so none of them belongs to a live job.
+        for stray in [*self.path.glob(".*.tmp"), *self.out.parent.glob(f".{self.out.name}.*.tmp")]:
+            stray.unlink(missing_ok=True)
+        committed = 0
+        while (self.path / self.part_name(committed)).is_file():
+            committed += 1
+        if stored is None:
+            if require_resume:
+                raise UsageError(f"--resume: there is no progress to resume in {self.path}")
+            _write_atomic(stored_file, json.dumps(fingerprint, indent=2, sort_keys=True).encode())
+        elif committed:
+            logger.info("resuming: %d windows already committed in %s", committed, self.path)
+        return committed
+
+    @staticmethod
+    def part_name(index: int) -> str:
+        return f"part-{index:05d}.parquet"
+
+    def commit(self, index: int, table: pa.Table) -> None:
+        """Write one window's rows; it counts as committed only once renamed into place."""
+        final = self.path / self.part_name(index)
+        tmp = self.path / f".{final.name}.tmp"
+        try:
+            with pq.ParquetWriter(tmp, table.schema) as writer:
+                writer.write_table(table)
+            _fsync(tmp)
+            os.replace(tmp, final)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise OutputError(f"committing window {index} to {self.path} failed: {e}") from e
+
+    def merge_into(self, out: Path, schema: pa.Schema, overwrite: bool, windows: int) -> int:
+        """Copy the committed parts, in order, into OUT (atomically); return the row count."""
+        with ParquetOutput(out, schema, overwrite) as output:
+            for index in range(windows):
+                part = self.path / self.part_name(index)
+                try:
+                    reader = pq.ParquetFile(part)
+                    for group in range(reader.num_row_groups):
+                        output.write(reader.read_row_group(group))
+                except (pa.ArrowInvalid, OSError) as e:
+                    raise InputError(f"committed part {part} is unreadable ({e}); rerun with --restart") from e
+                crash_point("merge", index + 1)
+            return output.rows
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def _clear(self) -> None:
+        for child in self.path.iterdir():
+            if child.is_dir():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    _fsync(tmp)
+    os.replace(tmp, path)
