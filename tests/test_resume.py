@@ -1,0 +1,167 @@
+"""Surviving cron and Airflow: kill -9 and resume, SIGTERM, sharding, locks (tiny BERT model)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from test_job import make_corpus
+
+from embedder.checkpoint import WorkFolder
+from jobs.embed import main as embed_main
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+WINDOW = 100
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """1,200 rows of real docstrings in 3 files of 4 row groups each, with some null texts."""
+    return make_corpus(tmp_path_factory.mktemp("resume-corpus") / "parts", rows=1200, files=3, row_group_rows=100,
+                       null_fraction=0.02)
+
+
+@pytest.fixture(scope="module")
+def job_args(model_zoo, export_cache_dir, exported, corpus) -> list[str]:
+    exported("bert")  # export before any subprocess, so the tests time the job, not the export
+    return ["--in", str(corpus), "--model", model_zoo.model_arg("bert"), "--cache-dir", str(export_cache_dir),
+            "--window-rows", str(WINDOW), "--max-tokens", "512", "--progress", "off", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def reference(job_args, tmp_path_factory) -> pa.Table:
+    out = tmp_path_factory.mktemp("reference") / "vecs.parquet"
+    assert embed_main([*job_args, "--out", str(out)]) == 0
+    return pq.read_table(out)
+
+
+def run_job(args: list[str], **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "jobs.embed", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("crash_at", ["batch:1", "batch:40", "window:5", "merge:3"],
+                         ids=["early", "mid-window", "after-commit", "final-write"])
+def test_sigkill_then_rerun_gives_the_uninterrupted_output(crash_at, job_args, reference, tmp_path):
+    out = tmp_path / "vecs.parquet"
+    killed = run_job([*job_args, "--out", str(out)], EMBEDDER_CRASH_AT=crash_at)
+    assert killed.returncode == -signal.SIGKILL
+    assert not out.exists()
+    assert WorkFolder(out).path.is_dir()
+
+    resumed = run_job([*job_args, "--out", str(out)])
+    assert resumed.returncode == 0, resumed.stderr
+    metrics = last_json(resumed.stdout)
+    if crash_at != "batch:1":
+        assert metrics["resumed_rows"] > 0  # committed windows were not redone
+    assert metrics["output_rows"] == reference.num_rows
+    assert pq.read_table(out).equals(reference)  # bit-identical: ids, carried columns, vectors
+    assert not WorkFolder(out).path.exists()
+    assert not list(tmp_path.glob(".*"))
+
+
+def test_sigterm_stops_cleanly_and_resume_completes(job_args, reference, tmp_path):
+    out = tmp_path / "vecs.parquet"
+    args = [sys.executable, "-m", "jobs.embed", *job_args, "--out", str(out), "--max-batch-size", "2"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first_part = WorkFolder(out).path / WorkFolder.part_name(0)
+    deadline = time.monotonic() + 120
+    while not first_part.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "stopped by SIGTERM" in stderr.strip().splitlines()[-1]
+    assert "Traceback" not in stderr
+    assert not out.exists()
+
+    resumed = run_job([*job_args, "--out", str(out), "--max-batch-size", "2", "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert last_json(resumed.stdout)["resumed_rows"] >= WINDOW
+    table = pq.read_table(out)
+    assert table.column("id").equals(reference.column("id"))
+    assert min_cosine(table, reference) >= 0.99999  # batch size differs from the reference run
+
+
+def min_cosine(a: pa.Table, b: pa.Table) -> float:
+    def vectors(t):
+        column = t.column("embedding").combine_chunks()
+        valid = column.is_valid().to_numpy(zero_copy_only=False)
+        return valid, column.values.to_numpy(zero_copy_only=False).reshape(-1, column.type.list_size)  # null slots included
+
+    valid_a, va = vectors(a)
+    valid_b, vb = vectors(b)
+    assert np.array_equal(valid_a, valid_b)
+    return float((va[valid_a] * vb[valid_b]).sum(axis=1).min())
+
+
+def test_progress_from_other_options_is_refused_until_restart(job_args, tmp_path, capsys):
+    out = tmp_path / "vecs.parquet"
+    assert run_job([*job_args, "--out", str(out)], EMBEDDER_CRASH_AT="window:2").returncode == -signal.SIGKILL
+    assert embed_main([*job_args, "--out", str(out), "--max-tokens", "256"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "holds progress of a run with different batching" in err and "--restart" in err
+    assert not out.exists()
+
+    assert embed_main([*job_args, "--out", str(out), "--max-tokens", "256", "--restart"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["resumed_rows"] == 0
+
+
+def test_resume_without_progress_is_an_error(job_args, tmp_path, capsys):
+    out = tmp_path / "vecs.parquet"
+    assert embed_main([*job_args, "--out", str(out), "--resume"]) == 2
+    assert "no progress to resume" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("count", [1, 3, 7])
+def test_shards_in_order_make_the_unsharded_output(count, job_args, reference, tmp_path):
+    parts = []
+    for index in range(count):
+        out = tmp_path / f"shard-{index}.parquet"
+        assert embed_main([*job_args, "--out", str(out), "--shard", f"{index}/{count}"]) == 0
+        parts.append(pq.read_table(out))
+    ids = [p.column("id").to_pylist() for p in parts]
+    assert all(ids) or count > 12  # 12 row groups: every shard gets some when count <= 12
+    union = pa.concat_tables(parts)
+    assert union.column("id").equals(reference.column("id"))  # same rows, no duplicates, same order
+    assert union.column("source").equals(reference.column("source"))
+    assert min_cosine(union, reference) >= 0.99999
+
+
+def test_a_second_job_on_the_same_output_fails_clearly(job_args, tmp_path, capsys):
+    out = tmp_path / "vecs.parquet"
+    with WorkFolder(out).locked():
+        assert embed_main([*job_args, "--out", str(out)]) == 1
+    assert f"another job is writing {out}" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_two_jobs_on_a_cold_cache_export_once(model_zoo, corpus, tmp_path):
+    cache = tmp_path / "cold-cache"
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "jobs.embed", "--in", str(corpus), "--model", model_zoo.model_arg("roberta"),
+                          "--cache-dir", str(cache), "--out", str(tmp_path / f"{n}.parquet"), "--progress", "off"],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for n in ("a", "b")
+    ]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [r[1] for r in results]
+    hits = sorted(last_json(stdout)["cache_hit"] for stdout, _ in results)
+    assert hits == [False, True]
+    assert pq.read_table(tmp_path / "a.parquet").equals(pq.read_table(tmp_path / "b.parquet"))
