@@ -11,21 +11,19 @@ import logging
 import signal
 import threading
 
-import numpy as np
 import pyarrow as pa
 
 from embedder import __version__
-from embedder.batching import pad_batch, plan_batches
 from embedder.cache import Artifact, get_or_export
 from embedder.checkpoint import WorkFolder
 from embedder.config import JobConfig, default_cache_dir
-from embedder.errors import Interrupted, UnsupportedModelError, UsageError
+from embedder.encode import BatchingOptions, WindowEmbedder
+from embedder.errors import Interrupted
 from embedder.faults import crash_point
-from embedder.io import EMBEDDING_COLUMN, InputSet, check_output, embedding_array, iter_record_batches, open_inputs, output_schema
+from embedder.io import InputSet, check_output, iter_record_batches, open_inputs, output_schema
 from embedder.metrics import Metrics, Progress, summary_line, write_json_atomic
-from embedder.runtime import Encoder, create_encoder
 from embedder.spec import load_spec
-from embedder.tokenize import TextTokenizer, resolve_prompt
+from embedder.tokenize import TextTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -42,15 +40,15 @@ def run(config: JobConfig) -> dict:
     with metrics.stage("model"):
         spec = load_spec(config.model, config.export.pooling)
         artifact = get_or_export(spec, config.export, config.cache_dir or default_cache_dir())
-        tokenizer = _tokenizer(artifact, config)
-        encoder = create_encoder(artifact.graph_path, config.device, config.threads)
+        embedder = WindowEmbedder(artifact, config.device, config.threads, config.max_seq_len, config.prompt,
+                                  BatchingOptions(config.max_tokens, config.max_batch_size))
+    encoder = embedder.encoder
     metrics.cache_hit, metrics.provider, metrics.device = artifact.hit, encoder.provider, encoder.device
     logger.info("model %s (dim %d, max_seq_length %d) on %s", spec.name, artifact.manifest["dim"],
-                tokenizer.max_seq_length, encoder.device)
+                embedder.tokenizer.max_seq_length, encoder.device)
 
-    file_metadata = _file_metadata(artifact, tokenizer)
+    file_metadata = build_file_metadata(artifact, embedder.tokenizer)
     schema = output_schema(inputs.keep_schema, artifact.manifest["dim"], file_metadata)
-    pad_id = int(artifact.manifest["pad_token_id"])
     work = WorkFolder(config.output)
     with work.locked(), _stop_on_signals() as stop:
         done = work.prepare(_fingerprint(config, inputs, file_metadata), config.restart, config.resume)
@@ -61,7 +59,7 @@ def run(config: JobConfig) -> dict:
         try:
             batches = iter_record_batches(inputs, min(config.window_rows, 65536), skip_rows=skip)
             for window in _windows(batches, config.window_rows, metrics):
-                table = _embed_window(window, inputs.text_col, tokenizer, encoder, pad_id, config, metrics, stop)
+                table = embedder.embed(window, inputs.text_col, metrics, stop.check)
                 with metrics.stage("write"):
                     work.commit(windows, table.cast(schema))
                 windows += 1
@@ -133,21 +131,8 @@ def _stop_on_signals():
             signal.signal(sig, handler)
 
 
-def _tokenizer(artifact: Artifact, config: JobConfig) -> TextTokenizer:
-    manifest = artifact.manifest
-    limit = int(manifest["max_seq_length"])
-    if config.max_seq_len is not None and config.max_seq_len > limit:
-        raise UsageError(f"--max-seq-len {config.max_seq_len} exceeds the model's max_seq_length {limit}")
-    prompt = resolve_prompt(config.prompt, manifest.get("prompts") or {}, manifest.get("default_prompt_name"))
-    if prompt and not manifest.get("include_prompt", True):
-        raise UnsupportedModelError(
-            "this model excludes prompt tokens from pooling (include_prompt false), which the exported graph "
-            "does not reproduce; run without a prompt"
-        )
-    return TextTokenizer(artifact.tokenizer_path, config.max_seq_len or limit, prompt)
-
-
-def _file_metadata(artifact: Artifact, tokenizer: TextTokenizer) -> dict:
+def build_file_metadata(artifact: Artifact, tokenizer: TextTokenizer) -> dict:
+    """What the output file records about how its vectors were made."""
     manifest = artifact.manifest
     return {
         "model": manifest["model"],
@@ -183,28 +168,3 @@ def _windows(batches, window_rows: int, metrics: Metrics):
             pending, count = rest.to_batches(), rest.num_rows
     if count:
         yield pa.Table.from_batches(pending)
-
-
-def _embed_window(window: pa.Table, text_col: str, tokenizer: TextTokenizer, encoder: Encoder, pad_id: int,
-                  config: JobConfig, metrics: Metrics, stop: _StopFlag) -> pa.Table:
-    """Vectors for one window's rows, in the window's order; null text gives a null vector."""
-    text = window.column(text_col)
-    valid = text.is_valid().to_numpy(zero_copy_only=False)
-    with metrics.stage("tokenize"):
-        tokens = tokenizer.encode(text.drop_null().to_pylist())
-    vectors = np.empty((len(tokens.lengths), encoder.dim), dtype=np.float32)
-    with metrics.stage("infer"):
-        for rows in plan_batches(tokens.lengths, config.max_tokens, config.max_batch_size):
-            batch = pad_batch(tokens.ids, tokens.offsets, rows, pad_id)
-            vectors[batch.rows] = encoder(batch.input_ids, batch.attention_mask)
-            metrics.batches += 1
-            metrics.real_tokens += batch.real_tokens
-            metrics.padded_tokens += batch.padded_tokens
-            crash_point("batch", metrics.batches)
-            stop.check()  # abandon the window: it is not committed, a rerun redoes it
-    metrics.windows += 1
-    metrics.rows += window.num_rows
-    metrics.null_rows += int((~valid).sum())
-    metrics.truncated_rows += tokens.truncated
-    carried = window.drop_columns([text_col])
-    return carried.append_column(EMBEDDING_COLUMN, embedding_array(vectors, valid))

@@ -1,0 +1,82 @@
+"""Rows of text -> sentence vectors: tokenize, length-sorted token-budget batches, run, restore order.
+
+Shared by the single-process job and the Ray workers, so both give the same vectors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from embedder.batching import pad_batch, plan_batches
+from embedder.cache import Artifact
+from embedder.errors import UnsupportedModelError, UsageError
+from embedder.faults import crash_point
+from embedder.io import EMBEDDING_COLUMN, embedding_array
+from embedder.metrics import Metrics
+from embedder.runtime import Encoder, create_encoder
+from embedder.tokenize import TextTokenizer, resolve_prompt
+
+
+@dataclass(frozen=True)
+class BatchingOptions:
+    """How rows are grouped for inference; equal options give bit-identical vectors on CPU."""
+
+    max_tokens: int = 16384
+    max_batch_size: int = 256
+
+
+class WindowEmbedder:
+    """Embeds a table's text column in place of the column, rows in the table's order."""
+
+    def __init__(self, artifact: Artifact, device: str = "auto", threads: int | None = None,
+                 max_seq_len: int | None = None, prompt: str | None = None,
+                 batching: BatchingOptions = BatchingOptions()):
+        self.tokenizer = make_tokenizer(artifact, max_seq_len, prompt)
+        self.encoder: Encoder = create_encoder(artifact.graph_path, device, threads)
+        self.pad_id = int(artifact.manifest["pad_token_id"])
+        self.batching = batching
+
+    def embed(self, window: pa.Table, text_col: str, metrics: Metrics, stop=None) -> pa.Table:
+        """The window's other columns plus `embedding`; a null text gives a null vector.
+
+        stop, if given, is called after every batch and may raise to abandon the window.
+        """
+        text = window.column(text_col)
+        valid = text.is_valid().to_numpy(zero_copy_only=False)
+        with metrics.stage("tokenize"):
+            tokens = self.tokenizer.encode(text.drop_null().to_pylist())
+        vectors = np.empty((len(tokens.lengths), self.encoder.dim), dtype=np.float32)
+        with metrics.stage("infer"):
+            for rows in plan_batches(tokens.lengths, self.batching.max_tokens, self.batching.max_batch_size):
+                batch = pad_batch(tokens.ids, tokens.offsets, rows, self.pad_id)
+                vectors[batch.rows] = self.encoder(batch.input_ids, batch.attention_mask)
+                metrics.batches += 1
+                metrics.real_tokens += batch.real_tokens
+                metrics.padded_tokens += batch.padded_tokens
+                crash_point("batch", metrics.batches)
+                if stop is not None:
+                    stop()
+        metrics.windows += 1
+        metrics.rows += window.num_rows
+        metrics.null_rows += int((~valid).sum())
+        metrics.truncated_rows += tokens.truncated
+        carried = window.drop_columns([text_col])
+        return carried.append_column(EMBEDDING_COLUMN, embedding_array(vectors, valid))
+
+
+def make_tokenizer(artifact: Artifact, max_seq_len: int | None, prompt: str | None) -> TextTokenizer:
+    """The tokenizer the graph expects, with the model's limit and prompt applied."""
+    manifest = artifact.manifest
+    limit = int(manifest["max_seq_length"])
+    if max_seq_len is not None and max_seq_len > limit:
+        raise UsageError(f"--max-seq-len {max_seq_len} exceeds the model's max_seq_length {limit}")
+    text_prompt = resolve_prompt(prompt, manifest.get("prompts") or {}, manifest.get("default_prompt_name"))
+    if text_prompt and not manifest.get("include_prompt", True):
+        raise UnsupportedModelError(
+            "this model excludes prompt tokens from pooling (include_prompt false), which the exported graph "
+            "does not reproduce; run without a prompt"
+        )
+    return TextTokenizer(artifact.tokenizer_path, max_seq_len or limit, text_prompt)
