@@ -49,9 +49,17 @@ class WorkFolder:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise LockedError(f"another job is writing {self.out} (its work folder {self.path} is locked)") from None
-            yield self
+            try:
+                yield self
+            except BaseException:
+                self._remove_if_uncommitted()  # a failed run with nothing to resume leaves nothing behind
+                raise
         finally:
             os.close(fd)
+
+    def _remove_if_uncommitted(self) -> None:
+        if not any(self.path.glob("part-*.parquet")):
+            shutil.rmtree(self.path, ignore_errors=True)
 
     def prepare(self, fingerprint: dict, restart: bool, require_resume: bool) -> int:
         """Number of windows already committed for this fingerprint (0 for a fresh start)."""
@@ -106,6 +114,8 @@ class WorkFolder:
                     reader = pq.ParquetFile(part)
                     for group in range(reader.num_row_groups):
                         output.write(reader.read_row_group(group))
+                except OutputError:
+                    raise  # writing OUT failed (a full disk): the parts are fine, a rerun resumes
                 except (pa.ArrowInvalid, OSError) as e:
                     raise InputError(f"committed part {part} is unreadable ({e}); rerun with --restart") from e
                 crash_point("merge", index + 1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -15,6 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embedder.errors import InputError, OutputError, OutputExistsError, UsageError
+
+logger = logging.getLogger(__name__)
 
 EMBEDDING_COLUMN = "embedding"
 METADATA_KEY = b"embedder"
@@ -132,9 +135,31 @@ def open_inputs(spec: str, text_col: str, keep_cols: list[str] | None) -> InputS
             missing = [n for n in keep_schema.names if n not in schema.names]
             if missing:
                 raise InputError(f"{path}: columns {', '.join(missing)} are missing (present in {files[0]})")
+            keep_schema = _widen(keep_schema, schema)
+            extra = [n for n in schema.names if n != text_col and n not in keep_schema.names]
+            if extra and keep_cols is None:
+                logger.warning("%s: columns %s are not in %s and are not carried to the output (name the columns "
+                               "with --keep-cols to silence this)", path, ", ".join(extra), files[0])
         units += [Unit(path, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups)]
     assert keep_schema is not None
     return InputSet(tuple(units), text_col, keep_schema)
+
+
+def _widen(keep_schema: pa.Schema, schema: pa.Schema) -> pa.Schema:
+    """The carried columns' types widened to hold this file's too (int32 and int64 -> int64).
+
+    Types that do not unify keep the first file's type; reading then casts (checked) or fails naming the column.
+    """
+    fields = []
+    for field in keep_schema:
+        other = schema.field(field.name)
+        if other.type != field.type:
+            try:
+                field = pa.unify_schemas([pa.schema([field]), pa.schema([other])], promote_options="permissive").field(0)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+                pass
+        fields.append(field)
+    return pa.schema(fields)
 
 
 def iter_record_batches(inputs: InputSet, batch_rows: int, skip_rows: int = 0) -> Iterator[pa.RecordBatch]:
@@ -155,7 +180,7 @@ def iter_record_batches(inputs: InputSet, batch_rows: int, skip_rows: int = 0) -
         if not groups:
             continue
         try:
-            reader = pq.ParquetFile(path)
+            reader = pq.ParquetFile(path, page_checksum_verification=True)  # where the writer stored CRCs
             file_row = sum(reader.metadata.row_group(i).num_rows for i in range(groups[0]))
             for batch in reader.iter_batches(batch_size=batch_rows, row_groups=groups, columns=columns):
                 file_row += batch.num_rows
@@ -163,22 +188,21 @@ def iter_record_batches(inputs: InputSet, batch_rows: int, skip_rows: int = 0) -
                     batch, skip_rows = batch.slice(min(skip_rows, batch.num_rows)), max(0, skip_rows - batch.num_rows)
                     if not batch.num_rows:
                         continue
+                _check_utf8(batch.column(inputs.text_col), inputs.text_col, path, file_row - batch.num_rows)
                 if batch.schema != target:
-                    batch = _conform(batch, target, path, file_row - batch.num_rows)
+                    batch = _conform(batch, target, path)
                 yield batch
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
             raise InputError(f"{path}: cannot read: {e}") from e
 
 
-def _conform(batch: pa.RecordBatch, target: pa.Schema, path: Path, first_row: int) -> pa.RecordBatch:
+def _conform(batch: pa.RecordBatch, target: pa.Schema, path: Path) -> pa.RecordBatch:
     """Decode dictionaries and cast to the first file's types, so every output row group agrees."""
     arrays = []
     for field in target:
         column = batch.column(field.name)
         if pa.types.is_dictionary(column.type):
             column = column.dictionary_decode()
-        if field is target.field(-1) and (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
-            _check_utf8(column, field.name, path, first_row)
         try:
             arrays.append(column.cast(field.type))
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
@@ -187,18 +211,29 @@ def _conform(batch: pa.RecordBatch, target: pa.Schema, path: Path, first_row: in
 
 
 def _check_utf8(column: pa.Array, name: str, path: Path, first_row: int) -> None:
-    """Binary text must be UTF-8; name the first bad row rather than guess an encoding."""
+    """Text must be valid UTF-8, binary or string alike (Parquet readers do not check string pages, so a
+    damaged or mislabelled file gets here); name the first bad row rather than guess an encoding."""
+    values = column.dictionary if pa.types.is_dictionary(column.type) else column
     try:
-        column.cast(pa.large_string())
+        if pa.types.is_binary(values.type) or pa.types.is_large_binary(values.type):
+            values.cast(pa.large_string())
+        else:
+            values.validate(full=True)
+        return
     except pa.ArrowInvalid:
-        for row, value in enumerate(column.to_pylist()):
-            try:
-                value is None or value.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise InputError(
-                    f"{path}: column '{name}' holds bytes that are not valid UTF-8 (row {first_row + row}: {e.reason} "
-                    f"at byte {e.start}); decode or clean the text before embedding"
-                ) from None
+        pass
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
+    if not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+        column = column.cast(pa.large_binary())  # string to binary does not validate
+    for row, value in enumerate(column.to_pylist()):
+        try:
+            value is None or value.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(
+                f"{path}: column '{name}' holds bytes that are not valid UTF-8 (row {first_row + row}: {e.reason} "
+                f"at byte {e.start}); decode or clean the text before embedding"
+            ) from None
 
 
 def output_schema(keep_schema: pa.Schema, dim: int, metadata: dict) -> pa.Schema:

@@ -27,7 +27,9 @@ def run_main(prog: str, main: Callable[[], int]) -> int:
     try:
         return main()
     except EmbedderError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        # One line, always: some library messages (pyarrow's) span several.
+        message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"{prog}: error: {message}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
