@@ -1,0 +1,78 @@
+"""Time sentence-transformers' own encode on a corpus: the peer the embedder is compared with.
+
+Run by scripts/bench.py, possibly under another interpreter (the ONNX backend needs optimum-onnx,
+which pins an older transformers, so it lives in its own virtualenv; see scripts/setup_peer_venv.sh).
+Writes the vectors (.npy) and a JSON line with the timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+
+
+def load_model(path: str, backend: str, threads: int):
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    torch.set_num_threads(threads)
+    if backend == "torch":
+        return SentenceTransformer(path, device="cpu")
+    if backend == "onnx":
+        return SentenceTransformer(path, device="cpu", backend="onnx")
+    # The optimized and quantized graphs are written beside a full copy of the model, as
+    # sentence-transformers' documentation does it, then loaded by file name.
+    import sentence_transformers as st
+
+    work = os.environ["BENCH_PEER_WORK"]
+    model = SentenceTransformer(path, device="cpu", backend="onnx")
+    model.save_pretrained(work)
+    if backend == "onnx-O3":
+        st.export_optimized_onnx_model(model, "O3", work)
+        file_name = "onnx/model_O3.onnx"
+    else:
+        st.export_dynamic_quantized_onnx_model(model, "avx2", work)
+        file_name = "onnx/model_quint8_avx2.onnx"  # the name sentence-transformers gives it
+    return SentenceTransformer(work, device="cpu", backend="onnx", model_kwargs={"file_name": file_name})
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--corpus", required=True)
+    p.add_argument("--backend", choices=("torch", "onnx", "onnx-O3", "onnx-int8"), default="torch")
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-seq-len", type=int)
+    p.add_argument("--vectors-out", required=True)
+    args = p.parse_args()
+
+    texts = [t for t in pq.read_table(args.corpus, columns=["text"]).column("text").to_pylist() if t is not None]
+    started = time.perf_counter()
+    model = load_model(args.model, args.backend, args.threads)
+    if args.max_seq_len:
+        model.max_seq_length = args.max_seq_len
+    model.encode(texts[:64], batch_size=args.batch_size)  # warm-up, excluded from the steady state
+    loaded = time.perf_counter()
+    vectors = model.encode(texts, batch_size=args.batch_size, normalize_embeddings=True, convert_to_numpy=True)
+    done = time.perf_counter()
+    tokens = sum(len(ids) for ids in model.tokenizer(texts, truncation=True, max_length=model.max_seq_length)["input_ids"])
+    np.save(args.vectors_out, vectors.astype(np.float32))
+    print(json.dumps({
+        "backend": args.backend, "rows": len(texts), "tokens": tokens,
+        "startup_seconds": loaded - started, "encode_seconds": done - loaded,
+        "tokens_per_second": tokens / (done - loaded), "rows_per_second": len(texts) / (done - loaded),
+        "end_to_end_tokens_per_second": tokens / (done - started),
+        "python": sys.executable,
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
