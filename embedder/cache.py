@@ -32,7 +32,7 @@ GRAPH_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 MANIFEST_FILE = "manifest.json"
 # Bump when the exporter's output changes for the same inputs (wrapper, names, post-processing).
-EXPORT_FORMAT = 1
+EXPORT_FORMAT = 2
 
 
 @dataclass(frozen=True)
