@@ -17,7 +17,7 @@ from embedder.faults import crash_point
 from embedder.io import EMBEDDING_COLUMN, embedding_array
 from embedder.metrics import Metrics
 from embedder.runtime import Encoder, create_encoder
-from embedder.tokenize import TextTokenizer, resolve_prompt
+from embedder.tokenize import TextTokenizer, TokenizedWindow, resolve_prompt
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,15 @@ class BatchingOptions:
 
     max_tokens: int = 16384
     max_batch_size: int = 256
+
+
+@dataclass(frozen=True)
+class PreparedWindow:
+    """A window's carried columns, which rows have text, and their token ids."""
+
+    carried: pa.Table
+    valid: np.ndarray
+    tokens: TokenizedWindow
 
 
 class WindowEmbedder:
@@ -44,10 +53,19 @@ class WindowEmbedder:
 
         stop, if given, is called after every batch and may raise to abandon the window.
         """
+        return self.run(self.prepare(window, text_col, metrics), metrics, stop)
+
+    def prepare(self, window: pa.Table, text_col: str, metrics: Metrics) -> PreparedWindow:
+        """Tokenize a window (safe to run in another thread while the previous window infers)."""
         text = window.column(text_col)
         valid = text.is_valid().to_numpy(zero_copy_only=False)
         with metrics.stage("tokenize"):
             tokens = self.tokenizer.encode(text.drop_null().to_pylist())
+        return PreparedWindow(window.drop_columns([text_col]), valid, tokens)
+
+    def run(self, prepared: PreparedWindow, metrics: Metrics, stop=None) -> pa.Table:
+        """Infer a tokenized window; vectors go back to the rows' order."""
+        carried, valid, tokens = prepared.carried, prepared.valid, prepared.tokens
         vectors = np.empty((len(tokens.lengths), self.encoder.dim), dtype=np.float32)
         with metrics.stage("infer"):
             for rows in plan_batches(tokens.lengths, self.batching.max_tokens, self.batching.max_batch_size):
@@ -60,10 +78,9 @@ class WindowEmbedder:
                 if stop is not None:
                     stop()
         metrics.windows += 1
-        metrics.rows += window.num_rows
+        metrics.rows += carried.num_rows
         metrics.null_rows += int((~valid).sum())
         metrics.truncated_rows += tokens.truncated
-        carried = window.drop_columns([text_col])
         return carried.append_column(EMBEDDING_COLUMN, embedding_array(vectors, valid))
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import signal
 import threading
 
@@ -58,12 +59,13 @@ def run(config: JobConfig) -> dict:
         windows = done
         try:
             batches = iter_record_batches(inputs, min(config.window_rows, 65536), skip_rows=skip)
-            for window in _windows(batches, config.window_rows, metrics):
-                table = embedder.embed(window, inputs.text_col, metrics, stop.check)
+            prepared = (embedder.prepare(w, inputs.text_col, metrics) for w in _windows(batches, config.window_rows, metrics))
+            for window in _prefetch(prepared):
+                table = embedder.run(window, metrics, stop.check)
                 with metrics.stage("write"):
                     work.commit(windows, table.cast(schema))
                 windows += 1
-                progress.update(window.num_rows)
+                progress.update(table.num_rows)
                 crash_point("window", windows)
                 stop.check()
         finally:
@@ -77,6 +79,50 @@ def run(config: JobConfig) -> dict:
         write_json_atomic(config.metrics_out, result)
     logger.info("done: %s", summary_line(result))
     return result
+
+
+def _prefetch(items):
+    """Produce the next item in a thread while the caller works on this one.
+
+    Reading and tokenizing window k+1 overlaps inference on window k (onnxruntime and the Rust
+    tokenizer both release the GIL). One item ahead bounds memory at two windows.
+    """
+    slot: queue.Queue = queue.Queue(maxsize=1)
+    done = object()
+    cancelled = threading.Event()
+
+    def produce():
+        try:
+            for item in items:
+                while not cancelled.is_set():
+                    try:
+                        slot.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if cancelled.is_set():
+                    return
+            slot.put((done, None))
+        except BaseException as e:  # re-raised in the caller's thread, where it can be reported
+            slot.put((done, e))
+
+    worker = threading.Thread(target=produce, name="embedder-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item, error = slot.get()
+            if error is not None:
+                raise error
+            if item is done:
+                return
+            yield item
+    finally:
+        cancelled.set()
+        while worker.is_alive():  # unblock a producer waiting on a full slot
+            try:
+                slot.get_nowait()
+            except queue.Empty:
+                worker.join(timeout=0.1)
 
 
 def _fingerprint(config: JobConfig, inputs: InputSet, file_metadata: dict) -> dict:
