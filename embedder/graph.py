@@ -71,6 +71,9 @@ def read_graph_info(path: str | Path) -> GraphInfo:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # onnx raises DecodeError and others for a non-ONNX file
         raise InputError(f"{path}: not an ONNX model ({type(e).__name__}: {e})") from e
+    if not model.HasField("graph"):
+        # protobuf parses empty or unrelated bytes as an empty ModelProto without complaint.
+        raise InputError(f"{path}: not an ONNX model (no graph in the file)")
     # Old exporters list initializers among the inputs; a caller never feeds those.
     initializers = {init.name for init in model.graph.initializer}
     inputs = tuple(_tensor_info(v) for v in model.graph.input if v.name not in initializers)

@@ -295,6 +295,13 @@ def load_spec(model: str | None, pooling: tuple[Pooling, ...] | None = None) -> 
         default_prompt_name=st_config.get("default_prompt_name") or None,
         sentence_transformers_config=modules_file.is_file(),
     )
+    if not include_prompt and spec.default_prompt_name:
+        # sentence-transformers would prepend the default prompt and leave its tokens out of the
+        # pooling; a graph fed only the attention mask cannot tell where the prompt ends.
+        raise UnsupportedModelError(
+            f"{name} pools without its prompt tokens (include_prompt false) and has a default prompt "
+            f"'{spec.default_prompt_name}'; the exported graph cannot reproduce that"
+        )
     return spec.with_pooling(pooling) if pooling else spec
 
 

@@ -202,10 +202,18 @@ def test_lowercasing_prompts_and_include_prompt_are_read(tmp_path):
     )
     write_json(root / "sentence_bert_config.json", {"max_seq_length": 20, "do_lower_case": True})
     prompts = {"query": "query: ", "document": "passage: "}
-    write_json(root / "config_sentence_transformers.json", {"prompts": prompts, "default_prompt_name": "query"})
+    write_json(root / "config_sentence_transformers.json", {"prompts": prompts, "default_prompt_name": None})
     spec = load_spec(str(root))
     assert (spec.do_lower_case, spec.include_prompt, spec.has_normalize) == (True, False, False)
-    assert spec.prompts == prompts and spec.default_prompt_name == "query"
+    assert spec.prompts == prompts and spec.default_prompt_name is None
+
+
+def test_default_prompt_left_out_of_pooling_is_refused(tmp_path):
+    """The graph cannot tell where a prompt ends, so it cannot pool without it."""
+    root = write_spec_folder(tmp_path / "m", pooling_config={"pooling_mode": "mean", "include_prompt": False})
+    write_json(root / "config_sentence_transformers.json", {"prompts": {"query": "q: "}, "default_prompt_name": "query"})
+    with pytest.raises(UnsupportedModelError, match="include_prompt false"):
+        load_spec(str(root))
 
 
 def test_content_hash_covers_weights_and_configs_but_not_docs_or_onnx(tmp_path):
