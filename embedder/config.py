@@ -8,7 +8,7 @@ from pathlib import Path
 from embedder.errors import UsageError
 from embedder.spec import Pooling
 
-PRECISIONS = ("fp32",)
+PRECISIONS = ("fp32", "int8")  # int8: CPU only, gated against fp32 at export
 DEFAULT_OPSET = 17
 
 

@@ -236,8 +236,16 @@ def export_graph(spec: ModelSpec, options: ExportOptions, out_dir: Path) -> dict
     if optimization.get("applied"):
         validation = optimization.pop("validation")
         _check_interface(read_graph_info(graph_path), input_names, spec.dim)
+    quantization = None
+    if options.precision == "int8":
+        from embedder.quantize import gate_texts, quantize_int8
+
+        gate = _batches_of(gate_texts(), backend, spec, pad_id, input_names)
+        quantization = quantize_int8(graph_path, lambda path: _run_graph(path, gate))
+        _check_interface(read_graph_info(graph_path), input_names, spec.dim)
     return {
         "optimization": optimization,
+        "quantization": quantization,
         "inputs": [t.to_dict() for t in info.inputs],
         "outputs": [t.to_dict() for t in info.outputs],
         "pad_token_id": int(pad_id),
@@ -280,6 +288,21 @@ def _optimize(graph_path: Path, spec: ModelSpec, config, validate) -> dict:
         return {"applied": False, "reason": f"{type(e).__name__}: {e}"}
     fused_path.replace(graph_path)
     return {"applied": True, "fused_operators": fused, "validation": validation}
+
+
+def _batches_of(texts: list[str], backend, spec: ModelSpec, pad_id: int, input_names: list[str], size: int = 32):
+    """Feeds for texts in batches of similar length, as the job would build them."""
+    texts = sorted(texts, key=len)
+    return [{n: a for n, a in _encode(backend, texts[i : i + size], spec.max_seq_length, pad_id).items() if n in input_names}
+            for i in range(0, len(texts), size)]
+
+
+def _run_graph(graph_path: Path, feeds: list[dict]):
+    import numpy as np
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(graph_path), providers=["CPUExecutionProvider"])
+    return np.concatenate([session.run([OUTPUT_NAME], f)[0] for f in feeds])
 
 
 def _fix_output_dim(graph_path: Path, dim: int) -> None:
