@@ -28,6 +28,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--in", dest="inputs", required=True, help="a Parquet file, a folder of them, or a glob")
     p.add_argument("--out", required=True, type=Path, help="output Parquet file (appears only when complete)")
+    add_model_options(p)
+    p.add_argument("--shard", default="0/1", help="I/N: embed only part I of N (by file and row group); the N outputs in order make the whole (default 0/1)")
+    p.add_argument("--resume", action="store_true", help="require committed progress to resume (a rerun resumes by default)")
+    p.add_argument("--restart", action="store_true", help="discard committed progress of an earlier run and start over")
+    add_reporting_options(p)
+    return p
+
+
+def add_model_options(p: argparse.ArgumentParser, threads_default: str = "one per core") -> None:
+    """Options shared with jobs.embed_ray: model, columns, device, batching, cache, output handling."""
     p.add_argument("--model", help="local folder or Hugging Face id in the local cache (default: all-MiniLM-L6-v2)")
     p.add_argument("--text-col", default="text", help="column holding the text (default: text)")
     p.add_argument("--keep-cols", help="comma-separated columns to carry to the output (default: all but the text column; '' for none)")
@@ -40,16 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window-rows", type=int, default=20000, help="rows read, sorted by length and embedded together; bounds memory (default 20000)")
     p.add_argument("--prompt", help="prefix for every text, or the name of a prompt in the model's config (default: the model's default prompt, if any)")
     p.add_argument("--cache-dir", type=Path, help="graph cache (default: $EMBEDDER_CACHE or ~/.cache/embedder)")
-    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: one per core)")
+    p.add_argument("--threads", type=int, help=f"onnxruntime intra-op threads (default: {threads_default})")
     p.add_argument("--metrics-out", type=Path, help="also write the metrics JSON to this file")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    p.add_argument("--shard", default="0/1", help="I/N: embed only part I of N (by file and row group); the N outputs in order make the whole (default 0/1)")
-    p.add_argument("--resume", action="store_true", help="require committed progress to resume (a rerun resumes by default)")
-    p.add_argument("--restart", action="store_true", help="discard committed progress of an earlier run and start over")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output (otherwise refused)")
+
+
+def add_reporting_options(p: argparse.ArgumentParser) -> None:
+    """Options shared with jobs.embed_ray: Prometheus output, progress, logging."""
     p.add_argument("--prometheus-out", type=Path, help="write metrics in Prometheus text format (node_exporter textfile collector)")
     p.add_argument("--progress", default="auto", choices=("auto", "on", "off"), help="progress bar on a terminal, log lines otherwise (default auto)")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
-    return p
 
 
 def config_from_args(args: argparse.Namespace) -> JobConfig:
