@@ -1,0 +1,398 @@
+"""The batch job on Ray Data: validate and export on the driver, embed in an actor pool, write a Parquet folder.
+
+The driver checks the input (embedder.io.open_inputs) and exports or fetches the graph once, then
+reads the files with ray.data.read_parquet, cuts the rows into blocks of --window-rows rows, and
+maps them over EmbedActor (embedder.ray_worker), which runs the single-process job's WindowEmbedder
+and writes each block as a part file in a hidden staging folder beside OUT. The driver keeps the
+part files named by the results it receives (a killed and retried actor's leftovers are deleted),
+names them in input order and renames the folder to OUT. Ray is imported here lazily, never by the
+single-process job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import os
+import re
+import shutil
+import signal
+import tempfile
+import threading
+import uuid
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from embedder import errors
+from embedder.cache import GRAPH_FILE, TOKENIZER_FILE, Artifact, get_or_export
+from embedder.config import JobConfig, default_cache_dir
+from embedder.encode import BatchingOptions, make_tokenizer
+from embedder.errors import EmbedderError, InputError, Interrupted, OutputError, OutputExistsError, UsageError
+from embedder.io import InputSet, open_inputs, output_schema
+from embedder.job import build_file_metadata
+from embedder.metrics import Metrics, Progress, summary_line, write_json_atomic
+from embedder.ray_worker import EmbedActor, GraphSource, WorkerOptions
+from embedder.spec import load_spec
+
+logger = logging.getLogger(__name__)
+
+GRAPH_TRANSFERS = ("auto", "path", "object-store")
+# Fault injection for the tests: forwarded to the actors' environment when set on the driver.
+_FORWARDED_ENV = ("EMBEDDER_CRASH_ONCE",)
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """How the work is spread over Ray: actor count and size, cluster address, how the graph travels."""
+
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    address: str | None = None  # None: the Ray this process is connected to, else a new local one
+    graph_transfer: str = "auto"
+    max_retries: int = 3  # restarts of a dead actor, and retries of the block it held
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise UsageError(f"--workers must be at least 1, got {self.workers}")
+        if self.cpus_per_worker <= 0:
+            raise UsageError(f"--cpus-per-worker must be above 0, got {self.cpus_per_worker}")
+        if self.gpus_per_worker < 0:
+            raise UsageError(f"--gpus-per-worker must be 0 or more, got {self.gpus_per_worker}")
+        if self.graph_transfer not in GRAPH_TRANSFERS:
+            raise UsageError(f"--graph-transfer {self.graph_transfer}: valid: {', '.join(GRAPH_TRANSFERS)}")
+        if self.max_retries < 0:
+            raise UsageError(f"--max-retries must be 0 or more, got {self.max_retries}")
+
+
+def actor_device(device: str, gpus_per_worker: float) -> str:
+    """The device every actor uses: Ray hands out the GPUs, so the device follows --gpus-per-worker."""
+    if gpus_per_worker > 0:
+        if device == "cpu":
+            raise UsageError("--device cpu with --gpus-per-worker reserves GPUs that nothing uses; drop one of them")
+        return "cuda" if device == "auto" else device  # asked for GPUs: failing to get CUDA is an error
+    if device != "auto" and device != "cpu":
+        raise UsageError(f"--device {device} needs GPUs on the actors: pass --gpus-per-worker (for example 1)")
+    return "cpu"
+
+
+def check_output_folder(out: Path, overwrite: bool) -> None:
+    """Refuse an existing OUT (unless overwrite) and a parent folder we cannot write, before any work."""
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"output {out} exists; pass --overwrite to replace it")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"output folder {parent} does not exist")
+    try:
+        Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".probe", dir=parent)).rmdir()
+    except OSError as e:
+        raise UsageError(f"output folder {parent} is not writable: {e.strerror}") from e
+
+
+def run(config: JobConfig, options: RayOptions) -> dict:
+    """Embed every row of config.inputs into the Parquet folder config.output on Ray; return the metrics."""
+    metrics = Metrics()
+    check_output_folder(config.output, config.overwrite)
+    inputs = open_inputs(config.inputs, config.text_col, list(config.keep_cols) if config.keep_cols is not None else None)
+    device = actor_device(config.device, options.gpus_per_worker)
+    logger.info("input: %d files, %d row groups, %d rows", len(inputs.files), len(inputs.units), inputs.total_rows)
+
+    with metrics.stage("model"):
+        spec = load_spec(config.model, config.export.pooling)
+        artifact = get_or_export(spec, config.export, config.cache_dir or default_cache_dir())
+        tokenizer = make_tokenizer(artifact, config.max_seq_len, config.prompt)  # checks --max-seq-len, --prompt
+    metrics.cache_hit = artifact.hit
+    file_metadata = build_file_metadata(artifact, tokenizer)
+    schema = output_schema(inputs.keep_schema, artifact.manifest["dim"], file_metadata)
+    ray = _import_ray()
+
+    cluster: dict = {}
+    with _Staging(config.output, config.overwrite) as staging, _stop_on_signals():
+        results: list[dict] = []
+        if inputs.total_rows:
+            with _connected(ray, options.address) as started_here:
+                transfer = _check_cluster(ray, options, started_here)
+                cluster = {"workers": options.workers, "cpus_per_worker": options.cpus_per_worker,
+                           "gpus_per_worker": options.gpus_per_worker, "graph_transfer": transfer,
+                           "nodes": len(_alive_nodes(ray)), "ray_version": ray.__version__}
+                worker = WorkerOptions(
+                    text_col=inputs.text_col, output_schema=schema, staging=str(staging.folder.resolve()), device=device,
+                    threads=config.threads or max(1, int(options.cpus_per_worker)), max_seq_len=config.max_seq_len,
+                    prompt=config.prompt, batching=BatchingOptions(config.max_tokens, config.max_batch_size),
+                    window_rows=config.window_rows,
+                )
+                results = _execute(ray, inputs, _graph_source(ray, artifact, transfer), worker, options, config)
+        rows = sum(r["rows"] for r in results)
+        if rows != inputs.total_rows:
+            raise OutputError(f"the Ray job returned {rows} rows for {inputs.total_rows} input rows; OUT not written")
+        staging.finish([r["file"] for r in results], schema)
+
+    result = _aggregate(metrics, results)
+    result["ray"] = cluster
+    result["output"] = str(config.output)
+    if config.metrics_out:
+        write_json_atomic(config.metrics_out, result)
+    logger.info("done: %s", summary_line(result))
+    return result
+
+
+def _import_ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as e:
+        raise UsageError(f"Ray is not installed ({e}); install the extra: pip install 'embedder[ray]'") from e
+    return ray
+
+
+@contextlib.contextmanager
+def _connected(ray, address: str | None):
+    """Use the Ray this process is connected to, or connect (address) or start a local one; yield whether we did."""
+    if ray.is_initialized():
+        yield False
+        return
+    ray.init(address=address)
+    try:
+        yield True
+    finally:
+        ray.shutdown()
+
+
+def _alive_nodes(ray) -> list[dict]:
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def _check_cluster(ray, options: RayOptions, started_here: bool) -> str:
+    """Fail fast (or warn, on a cluster that may autoscale) where the actors cannot all be placed; pick the transfer."""
+    resources = ray.cluster_resources()
+    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    problems = []
+    # Ray Data starts the actors first; if they hold every CPU, its read tasks never run (ray-project/ray#44687).
+    if options.workers * options.cpus_per_worker + 1 > cpus:
+        problems.append(f"{options.workers} workers x {options.cpus_per_worker:g} CPUs leave no CPU for reading on a "
+                        f"cluster of {cpus:g} CPUs: lower --workers or --cpus-per-worker")
+    if options.workers * options.gpus_per_worker > gpus:
+        problems.append(f"{options.workers} workers x {options.gpus_per_worker:g} GPUs do not fit the cluster's {gpus:g} GPUs")
+    if problems:
+        if started_here and not options.address:
+            raise UsageError("; ".join(problems))
+        for problem in problems:
+            logger.warning("%s (waiting for the cluster to grow)", problem)
+    if options.graph_transfer != "auto":
+        return options.graph_transfer
+    remote_client = (options.address or "").startswith("ray://")
+    return "path" if len(_alive_nodes(ray)) == 1 and not remote_client else "object-store"
+
+
+def _graph_source(ray, artifact: Artifact, transfer: str) -> GraphSource:
+    if transfer == "path":
+        return GraphSource(artifact.manifest, folder=str(artifact.folder.resolve()))
+    files = {name: (artifact.folder / name).read_bytes() for name in (GRAPH_FILE, TOKENIZER_FILE)}
+    logger.info("graph shipped through the object store (%.1f MB)", sum(map(len, files.values())) / 1e6)
+    return GraphSource(artifact.manifest, files_ref=ray.put(files))
+
+
+def _execute(ray, inputs: InputSet, graph: GraphSource, worker: WorkerOptions, options: RayOptions,
+             config: JobConfig) -> list[dict]:
+    """Run the Ray Data pipeline; the result rows, one per block, in input order."""
+    from ray.data import ActorPoolStrategy, DataContext
+
+    context = DataContext.get_current()
+    saved = context.execution_options.preserve_order, context.enable_progress_bars
+    saved_raise = getattr(context, "raise_original_map_exception", None)
+    context.execution_options.preserve_order = True  # results in input order: part files are named by it
+    context.enable_progress_bars = False  # the job's own progress (bar or log lines) instead
+    if saved_raise is not None:
+        context.raise_original_map_exception = True  # an actor's InputError reaches the driver as itself
+    try:
+        read_schema = inputs.keep_schema.append(pa.field(inputs.text_col, pa.large_string()))
+        # The explicit schema reads every file's text column (string, large_string, dictionary, binary) as
+        # large_string and the carried columns as open_inputs widened them; no hive partition columns are added.
+        dataset = ray.data.read_parquet([str(p.resolve()) for p in inputs.files], schema=read_schema,
+                                        partitioning=None, file_extensions=None)
+        if "target_num_rows_per_block" in inspect.signature(dataset.repartition).parameters:
+            # Streaming (no shuffle): blocks of --window-rows rows spread over the actors.
+            dataset = dataset.repartition(target_num_rows_per_block=config.window_rows)
+        env = {name: os.environ[name] for name in _FORWARDED_ENV if os.environ.get(name)}
+        with warnings.catch_warnings():
+            # Ray 2.60 deprecates extra remote args but names no parameter for max_restarts/max_task_retries
+            # (its defaults retry forever, which would loop on a block that kills every actor).
+            warnings.filterwarnings("ignore", message=".*ray_remote_args. is deprecated")
+            dataset = dataset.map_batches(
+                EmbedActor,
+                batch_size=None,  # the whole block: length bucketing inside it
+                batch_format="pyarrow",
+                compute=ActorPoolStrategy(size=options.workers),
+                fn_constructor_kwargs={"graph": graph, "options": worker},
+                num_cpus=options.cpus_per_worker,
+                num_gpus=options.gpus_per_worker,
+                runtime_env={"env_vars": env} if env else None,
+                max_restarts=options.max_retries,
+                max_task_retries=options.max_retries,
+            )
+        results: list[dict] = []
+        progress = Progress(inputs.total_rows, config.progress)
+        try:
+            for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                rows = batch.to_pylist()
+                results += rows
+                progress.update(sum(r["rows"] for r in rows))
+        finally:
+            progress.close()
+        return results
+    except (EmbedderError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        raise _explain(e) from e
+    finally:
+        context.execution_options.preserve_order, context.enable_progress_bars = saved
+        if saved_raise is not None:
+            context.raise_original_map_exception = saved_raise
+
+
+def _explain(error: BaseException) -> EmbedderError:
+    """The project's own error behind Ray's wrappers (a worker's InputError stays exit 2), else a one-line failure."""
+    seen, stack = set(), [error]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, EmbedderError) and type(current).__module__.startswith("embedder."):
+            return current
+        if isinstance(current, (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError)):
+            return InputError(f"cannot read the input: {_first_line(current)}")
+        stack += [current.__cause__, current.__context__, getattr(current, "cause", None)]
+    # Ray versions that wrap the worker's exception keep only its traceback text: find our error's last line there.
+    found = re.findall(r"^embedder\.errors\.(\w+): (.+)$", str(error), flags=re.MULTILINE)
+    if found and isinstance(getattr(errors, found[-1][0], None), type):
+        cls = getattr(errors, found[-1][0])
+        if issubclass(cls, EmbedderError) and cls is not errors.Interrupted:
+            return cls(found[-1][1])
+    return EmbedderError(f"the Ray job failed: {type(error).__name__}: {_first_line(error)}")
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+class _Staging:
+    """A hidden folder beside OUT that the actors write part files into; renamed to OUT when complete."""
+
+    def __init__(self, out: Path, overwrite: bool):
+        self.out, self.overwrite = out, overwrite
+        self.folder = out.with_name(f".{out.name}.ray-{uuid.uuid4().hex[:12]}.tmp")
+
+    def __enter__(self) -> _Staging:
+        try:
+            self.folder.mkdir()
+        except OSError as e:
+            raise OutputError(f"cannot create {self.folder}: {e}") from e
+        return self
+
+    def finish(self, files: list[str], schema: pa.Schema) -> None:
+        """Keep exactly `files` (in this order, as part-NNNNNN.parquet), drop everything else, rename to OUT."""
+        if len(set(files)) != len(files):
+            raise OutputError("the Ray job reported a part file twice; OUT not written")
+        try:
+            keep = set(files)
+            for entry in self.folder.iterdir():  # leftovers of killed attempts
+                if entry.name not in keep:
+                    logger.info("removing %s, left by a failed attempt", entry.name)
+                    entry.unlink()
+            for index, name in enumerate(files):
+                os.replace(self.folder / name, self.folder / f"part-{index:06d}.parquet")
+            if not files:  # no rows: one empty file that still carries the schema and metadata
+                pq.write_table(schema.empty_table(), self.folder / "part-000000.parquet")
+            old = None
+            if self.out.exists() or self.out.is_symlink():
+                if not self.overwrite:
+                    raise OutputExistsError(f"output {self.out} appeared while the job ran; not replacing it")
+                old = self.out.with_name(f".{self.out.name}.old-{uuid.uuid4().hex[:12]}")
+                os.replace(self.out, old)
+            os.replace(self.folder, self.out)
+            if old is not None:
+                shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+        except OSError as e:
+            raise OutputError(f"finishing {self.out} failed: {e}") from e
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class _Stopped(Interrupted):
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.args = (f"stopped by {signal.Signals(signum).name}; OUT was not written (the Ray job does not resume: "
+                     "rerun it to start over)",)
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """SIGTERM/SIGINT stop the driver with exit 143/130 and no OUT; Ray Data then stops the actors."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum, _frame):
+        raise _Stopped(signum)
+
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+_SUMMED = ("rows", "null_rows", "truncated_rows", "real_tokens", "padded_tokens", "batches", "windows")
+
+
+def _aggregate(metrics: Metrics, results: list[dict]) -> dict:
+    """The single-process job's metrics from the actors' per-block rows, plus `workers` (per-actor throughput)."""
+    for row in results:
+        for name in _SUMMED:
+            setattr(metrics, name, getattr(metrics, name) + row[name])
+        for stage in ("tokenize", "infer", "write"):
+            metrics.stage_seconds[stage] += row[f"{stage}_seconds"]
+    metrics.output_rows = metrics.rows
+    metrics.provider = ",".join(sorted({r["provider"] for r in results}))
+    metrics.device = ",".join(sorted({r["device"] for r in results}))
+    result = metrics.to_dict()
+    result["stage_seconds"]["read"] = None  # done inside Ray's read tasks, not measured per row
+    result["blocks"] = len(results)
+
+    workers: dict[str, dict] = defaultdict(lambda: {"blocks": 0, "rows": 0, "real_tokens": 0, "busy_seconds": 0.0,
+                                                    "pids": set(), "peak_rss_mb": 0.0})
+    for row in results:
+        entry = workers[row["worker"]]
+        entry["node"] = row["node"]
+        entry["blocks"] += 1
+        entry["rows"] += row["rows"]
+        entry["real_tokens"] += row["real_tokens"]
+        entry["busy_seconds"] += row["busy_seconds"]
+        entry["pids"].add(row["pid"])
+        entry["peak_rss_mb"] = max(entry["peak_rss_mb"], row["peak_rss_mb"])
+    result["workers"] = [
+        {
+            "worker": worker,
+            "node": entry["node"],
+            "pids": sorted(entry["pids"]),  # more than one: the actor was restarted
+            "blocks": entry["blocks"],
+            "rows": entry["rows"],
+            "real_tokens": entry["real_tokens"],
+            "busy_seconds": round(entry["busy_seconds"], 4),
+            "rows_per_second": round(entry["rows"] / entry["busy_seconds"], 2) if entry["busy_seconds"] else None,
+            "tokens_per_second": round(entry["real_tokens"] / entry["busy_seconds"], 2) if entry["busy_seconds"] else None,
+            "peak_rss_mb": round(entry["peak_rss_mb"], 1),
+        }
+        for worker, entry in sorted(workers.items())
+    ]
+    return result

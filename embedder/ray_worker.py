@@ -1,0 +1,197 @@
+"""The Ray actor: one onnxruntime session per actor, each block embedded by the shared WindowEmbedder.
+
+A block is embedded in windows of window_rows rows (length-sorted batches inside each window) and
+written by the actor itself as one Parquet part file, named uniquely and renamed into place only
+when complete. The actor returns one row of counters naming that file: the driver keeps exactly the
+files named by the results it receives, so a retried block never counts twice. Ray is imported only
+inside the actor (this module is loaded by Ray workers, never by the single-process job).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from embedder.cache import GRAPH_FILE, MANIFEST_FILE, TOKENIZER_FILE, Artifact
+from embedder.encode import BatchingOptions, WindowEmbedder
+from embedder.errors import EmbedderError, ExportError, InputError, OutputError
+from embedder.faults import crash_once
+from embedder.metrics import Metrics, peak_rss_mb
+from embedder.spec import hash_files
+
+logger = logging.getLogger(__name__)
+
+SHIPPED_FILES = (GRAPH_FILE, TOKENIZER_FILE)
+
+
+@dataclass(frozen=True)
+class GraphSource:
+    """Where an actor finds the graph: a folder every node sees, or the files' bytes in the object store."""
+
+    manifest: dict
+    folder: str | None = None  # "path" transfer: the driver's cache folder
+    files_ref: object = None  # "object-store" transfer: an ObjectRef of {file name: bytes}
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """What each actor needs besides the graph; built once by the driver."""
+
+    text_col: str
+    output_schema: pa.Schema
+    staging: str  # folder the part files are written to (renamed to OUT by the driver)
+    device: str
+    threads: int
+    max_seq_len: int | None
+    prompt: str | None
+    batching: BatchingOptions
+    window_rows: int
+
+
+def _verified(folder: Path, manifest: dict) -> bool:
+    """True if every shipped file in folder hashes as the manifest records."""
+    try:
+        return all(hash_files([folder / name]) == manifest["files"][name] for name in SHIPPED_FILES)
+    except OSError:
+        return False
+
+
+def materialize_graph(source: GraphSource) -> Artifact:
+    """The graph as a verified local folder: the shared path itself, or the shipped bytes written once per node."""
+    manifest = source.manifest
+    if source.folder is not None:
+        folder = Path(source.folder)
+        if not _verified(folder, manifest):
+            raise ExportError(
+                f"graph folder {folder} is missing or does not match its manifest on node {socket.gethostname()}; "
+                "put the cache on storage every node mounts, or use --graph-transfer object-store"
+            )
+        return Artifact(folder, manifest, hit=True)
+
+    import ray  # only ever reached inside a Ray worker
+
+    digest = manifest["files"][GRAPH_FILE]
+    root = Path(tempfile.gettempdir()) / "embedder-ray-graphs"
+    folder = root / digest[:32]
+    if folder.is_dir() and _verified(folder, manifest):
+        return Artifact(folder, manifest, hit=True)  # another actor on this node wrote it
+    files = ray.get(source.files_ref)
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=root))
+    try:
+        for name in SHIPPED_FILES:
+            (staging / name).write_bytes(files[name])
+        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        if not _verified(staging, manifest):
+            raise ExportError("the graph received from the driver does not match its manifest hashes")
+        shutil.rmtree(folder, ignore_errors=True)  # a damaged earlier copy
+        try:
+            os.replace(staging, folder)
+        except OSError:
+            if not _verified(folder, manifest):  # lost a race to another actor: keep its copy if it is good
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return Artifact(folder, manifest, hit=True)
+
+
+class EmbedActor:
+    """Ray Data map_batches callable: session created once in __init__, one part file per block."""
+
+    def __init__(self, graph: GraphSource, options: WorkerOptions):
+        import ray
+
+        self.options = options
+        artifact = materialize_graph(graph)
+        self.embedder = WindowEmbedder(artifact, options.device, options.threads, options.max_seq_len,
+                                       options.prompt, options.batching)
+        context = ray.get_runtime_context()
+        self.worker = context.get_actor_id() or f"pid-{os.getpid()}"
+        self.node = context.get_node_id()
+        logger.info("actor %s: %s on %s", self.worker, artifact.graph_path, self.embedder.encoder.device)
+
+    def __call__(self, block: pa.Table) -> pa.Table:
+        started = time.perf_counter()
+        metrics = Metrics()
+        text_col = self.options.text_col
+        _check_utf8(block, text_col)
+        name = f"part-{uuid.uuid4().hex}.parquet"
+        staging = Path(self.options.staging)
+        tmp = staging / f".{name}.inprogress"
+        try:
+            with pq.ParquetWriter(tmp, self.options.output_schema) as writer:
+                for start in range(0, block.num_rows, self.options.window_rows):
+                    window = block.slice(start, self.options.window_rows)
+                    table = self.embedder.embed(window, text_col, metrics)
+                    crash_once("embedded")
+                    with metrics.stage("write"):
+                        writer.write_table(table.cast(self.options.output_schema))
+            with metrics.stage("write"):
+                _fsync(tmp)
+                os.replace(tmp, staging / name)
+        except BaseException as e:
+            tmp.unlink(missing_ok=True)
+            if isinstance(e, OSError) and not isinstance(e, EmbedderError):
+                raise OutputError(f"writing part file {staging / name} failed: {e}") from e
+            raise
+        crash_once("written")
+        encoder = self.embedder.encoder
+        return pa.table({
+            "file": [name],
+            "rows": [metrics.rows],
+            "null_rows": [metrics.null_rows],
+            "truncated_rows": [metrics.truncated_rows],
+            "real_tokens": [metrics.real_tokens],
+            "padded_tokens": [metrics.padded_tokens],
+            "batches": [metrics.batches],
+            "windows": [metrics.windows],
+            "tokenize_seconds": [metrics.stage_seconds["tokenize"]],
+            "infer_seconds": [metrics.stage_seconds["infer"]],
+            "write_seconds": [metrics.stage_seconds["write"]],
+            "busy_seconds": [time.perf_counter() - started],
+            "worker": [self.worker],
+            "node": [self.node],
+            "pid": [os.getpid()],
+            "provider": [encoder.provider],
+            "device": [encoder.device],
+            "peak_rss_mb": [peak_rss_mb()],
+        })
+
+
+def _check_utf8(block: pa.Table, text_col: str) -> None:
+    """Parquet readers do not validate string pages: refuse bad UTF-8 as the single-process job does."""
+    column = block.column(text_col)
+    try:
+        column.validate(full=True)
+        return
+    except pa.ArrowInvalid:
+        pass
+    for index, value in enumerate(column.cast(pa.large_binary()).to_pylist()):
+        try:
+            value is None or value.decode("utf-8")
+        except UnicodeDecodeError as e:
+            carried = [n for n in block.column_names if n != text_col][:1]
+            where = f"{carried[0]}={block.column(carried[0])[index].as_py()!r}" if carried else f"{index} of a block"
+            raise InputError(
+                f"column '{text_col}' holds bytes that are not valid UTF-8 (row {where}: {e.reason} at byte "
+                f"{e.start}); decode or clean the text before embedding"
+            ) from None
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
