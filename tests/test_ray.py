@@ -1,0 +1,197 @@
+"""jobs.embed_ray on a local Ray with 2 CPUs: equal to the single-process job, complete after a killed actor.
+
+Select these with `-m ray` (or leave them out with `-m "not ray"`); they need the `ray` extra. The
+tests that need no Ray (bad input fails before Ray starts, the single-process job never imports
+Ray) are not marked.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from test_job import make_corpus
+
+from jobs.embed import main as embed_main
+from jobs.embed_ray import main as embed_ray_main
+
+ROOT = Path(__file__).resolve().parents[1]
+WINDOW = 100
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray for the module, 2 CPUs as in CI, shut down after."""
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """600 rows of real docstrings in 3 files (3 row groups each) with nulls; the text column is a plain
+    string in the first file, dictionary-encoded in the second and binary in the third."""
+    folder = make_corpus(tmp_path_factory.mktemp("ray-corpus") / "parts", rows=600, files=3, row_group_rows=70,
+                         null_fraction=0.03)
+    parts = sorted(folder.glob("*.parquet"))
+    for part, encode in zip(parts[1:], (lambda c: c.dictionary_encode(), lambda c: c.cast(pa.binary()))):
+        table = pq.read_table(part)
+        table = table.set_column(table.schema.get_field_index("text"), "text", encode(table.column("text")))
+        pq.write_table(table, part, row_group_size=70)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def job_args(model_zoo, export_cache_dir, exported, corpus) -> list[str]:
+    exported("bert")  # export before the jobs, so they time embedding, not the export
+    return ["--in", str(corpus), "--model", model_zoo.model_arg("bert"), "--cache-dir", str(export_cache_dir),
+            "--window-rows", str(WINDOW), "--max-tokens", "512", "--progress", "off"]
+
+
+@pytest.fixture(scope="module")
+def reference(job_args, tmp_path_factory) -> pa.Table:
+    out = tmp_path_factory.mktemp("ray-reference") / "vecs.parquet"
+    assert embed_main([*job_args, "--out", str(out), "--threads", "1"]) == 0
+    return pq.read_table(out)
+
+
+RAY_ARGS = ["--workers", "2", "--cpus-per-worker", "0.5"]  # 2 actors, 1 CPU left for Ray Data's read tasks
+
+
+def run_ray(args: list[str], out: Path, metrics: Path) -> dict:
+    assert embed_ray_main([*args, *RAY_ARGS, "--out", str(out), "--metrics-out", str(metrics)]) == 0
+    return json.loads(metrics.read_text())
+
+
+def assert_same_rows(table: pa.Table, reference: pa.Table) -> None:
+    """Joined on id: the same rows, none lost or doubled, carried columns equal, vectors within cosine 1e-5."""
+    ids = table.column("id").to_numpy()
+    assert len(np.unique(ids)) == len(ids) == reference.num_rows
+    order = np.argsort(ids)
+    ref_order = np.argsort(reference.column("id").to_numpy())
+    table, reference = table.take(pa.array(order)), reference.take(pa.array(ref_order))
+    assert table.drop_columns(["embedding"]).equals(reference.drop_columns(["embedding"]))
+    got, want = table.column("embedding").combine_chunks(), reference.column("embedding").combine_chunks()
+    valid = want.is_valid().to_numpy(zero_copy_only=False)
+    assert np.array_equal(got.is_valid().to_numpy(zero_copy_only=False), valid)  # null text -> null vector
+    dim = want.type.list_size
+    a = got.values.to_numpy(zero_copy_only=False).reshape(-1, dim)[valid]
+    b = want.values.to_numpy(zero_copy_only=False).reshape(-1, dim)[valid]
+    assert float((a * b).sum(axis=1).min()) >= 0.99999
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_output_equals_the_single_process_output(ray_cluster, job_args, reference, tmp_path):
+    out = tmp_path / "vecs"
+    metrics = run_ray(job_args, out, tmp_path / "metrics.json")
+
+    table = pq.read_table(out)
+    assert table.schema.equals(reference.schema, check_metadata=True)  # same columns, types and `embedder` metadata
+    for part in sorted(out.iterdir()):
+        assert pq.read_schema(part).equals(reference.schema, check_metadata=True)
+    assert_same_rows(table, reference)
+    assert table.column("id").equals(reference.column("id"))  # part files are named in input order
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
+
+    assert metrics["rows"] == metrics["output_rows"] == reference.num_rows
+    assert metrics["null_rows"] == reference.column("embedding").null_count
+    assert metrics["ray"]["graph_transfer"] == "path"
+    workers = metrics["workers"]
+    assert sum(w["rows"] for w in workers) == reference.num_rows
+    assert sum(w["real_tokens"] for w in workers) == metrics["real_tokens"] > 0
+    assert all(w["tokens_per_second"] > 0 for w in workers)
+    assert metrics["blocks"] >= 6  # 600 rows in blocks of at most WINDOW
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["embedded", "written"])
+def test_an_actor_killed_mid_run_is_retried_and_nothing_is_lost_or_doubled(point, ray_cluster, job_args, reference,
+                                                                          tmp_path, monkeypatch):
+    """SIGKILL in one actor, once, after embedding a window or after committing its part file; the graph
+    reaches the restarted actor through the object store."""
+    marker = tmp_path / "crashed"
+    monkeypatch.setenv("EMBEDDER_CRASH_ONCE", f"{point}:{marker}")
+    out = tmp_path / "vecs"
+    metrics = run_ray([*job_args, "--graph-transfer", "object-store"], out, tmp_path / "metrics.json")
+
+    assert marker.exists()  # an actor really died
+    assert metrics["ray"]["graph_transfer"] == "object-store"
+    assert_same_rows(pq.read_table(out), reference)
+    assert sorted(p.name for p in out.iterdir()) == [f"part-{i:06d}.parquet" for i in range(metrics["blocks"])]
+    assert metrics["rows"] == reference.num_rows
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_bad_utf8_text_fails_with_one_line_and_exit_2(ray_cluster, model_zoo, export_cache_dir, exported, tmp_path,
+                                                      capsys):
+    exported("bert")
+    source = tmp_path / "in.parquet"
+    texts = pa.array([b"fine", b"bad \xff byte", None], pa.binary()).view(pa.string())  # unchecked string pages
+    pq.write_table(pa.table({"id": [1, 2, 3], "text": texts}), source)
+    out = tmp_path / "vecs"
+    code = embed_ray_main(["--in", str(source), "--out", str(out), "--model", model_zoo.model_arg("bert"),
+                           "--cache-dir", str(export_cache_dir), "--progress", "off", *RAY_ARGS])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert "not valid UTF-8" in err[-1] and "id=2" in err[-1] and err[-1].startswith("jobs.embed_ray: error:")
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_bad_input_and_an_existing_output_fail_before_ray_starts(corpus, tmp_path, capsys):
+    out = tmp_path / "vecs"
+    assert embed_ray_main(["--in", str(corpus), "--out", str(out), "--text-col", "body"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("jobs.embed_ray: error:") and "column 'body' not found" in err and "\n" not in err
+    out.mkdir()
+    assert embed_ray_main(["--in", str(corpus), "--out", str(out)]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert embed_ray_main(["--in", str(corpus), "--out", str(tmp_path / "o"), "--workers", "0"]) == 2
+    assert "--workers must be at least 1" in capsys.readouterr().err
+
+
+def test_the_single_process_job_does_not_import_ray():
+    code = "import sys, embedder, embedder.job, jobs.embed; print('ray' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
+def test_the_cli_offers_the_graph_transfers_the_driver_knows():
+    from embedder.distributed import GRAPH_TRANSFERS
+    from jobs.embed_ray import GRAPH_TRANSFERS as offered
+
+    assert offered == GRAPH_TRANSFERS
+
+
+def test_device_follows_the_gpus_ray_hands_out():
+    from embedder.distributed import actor_device
+    from embedder.errors import UsageError
+
+    assert actor_device("auto", 0) == "cpu"
+    assert actor_device("auto", 1) == "cuda"  # asked for GPUs: no silent CPU run
+    assert actor_device("cuda:0", 0.5) == "cuda:0"
+    for device, gpus in (("cuda", 0), ("cpu", 1)):
+        with pytest.raises(UsageError):
+            actor_device(device, gpus)
+
+
+def test_a_worker_error_known_only_from_its_traceback_text_keeps_its_class():
+    from embedder.distributed import _explain
+    from embedder.errors import EmbedderError, InputError
+
+    wrapped = RuntimeError("ray::MapWorker failed\nTraceback (most recent call last):\n  ...\n"
+                           "embedder.errors.InputError: column 'text' holds bytes that are not valid UTF-8")
+    error = _explain(wrapped)
+    assert type(error) is InputError and str(error).startswith("column 'text'")
+    other = _explain(RuntimeError("node died\nmore"))
+    assert type(other) is EmbedderError and str(other) == "the Ray job failed: RuntimeError: node died"
