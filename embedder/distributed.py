@@ -101,6 +101,7 @@ def run(config: JobConfig, options: RayOptions) -> dict:
     check_output_folder(config.output, config.overwrite)
     inputs = open_inputs(config.inputs, config.text_col, list(config.keep_cols) if config.keep_cols is not None else None)
     device = actor_device(config.device, options.gpus_per_worker)
+    ray = _import_ray()  # before the model: a missing extra should not wait for an export
     logger.info("input: %d files, %d row groups, %d rows", len(inputs.files), len(inputs.units), inputs.total_rows)
 
     with metrics.stage("model"):
@@ -110,13 +111,13 @@ def run(config: JobConfig, options: RayOptions) -> dict:
     metrics.cache_hit = artifact.hit
     file_metadata = build_file_metadata(artifact, tokenizer)
     schema = output_schema(inputs.keep_schema, artifact.manifest["dim"], file_metadata)
-    ray = _import_ray()
 
     cluster: dict = {}
     with _Staging(config.output, config.overwrite) as staging, _stop_on_signals():
         results: list[dict] = []
         if inputs.total_rows:
-            with _connected(ray, options.address) as started_here:
+            # ray.init installs its own SIGTERM handler: ours go in after it, and give it back on the way out.
+            with _connected(ray, options.address) as started_here, _stop_on_signals():
                 transfer = _check_cluster(ray, options, started_here)
                 cluster = {"workers": options.workers, "cpus_per_worker": options.cpus_per_worker,
                            "gpus_per_worker": options.gpus_per_worker, "graph_transfer": transfer,
@@ -179,14 +180,15 @@ def _check_cluster(ray, options: RayOptions, started_here: bool) -> str:
                         f"cluster of {cpus:g} CPUs: lower --workers or --cpus-per-worker")
     if options.workers * options.gpus_per_worker > gpus:
         problems.append(f"{options.workers} workers x {options.gpus_per_worker:g} GPUs do not fit the cluster's {gpus:g} GPUs")
+    address = options.address or os.environ.get("RAY_ADDRESS", "")
     if problems:
-        if started_here and not options.address:
+        if started_here and not address:  # our own local Ray: it will not grow
             raise UsageError("; ".join(problems))
         for problem in problems:
             logger.warning("%s (waiting for the cluster to grow)", problem)
     if options.graph_transfer != "auto":
         return options.graph_transfer
-    remote_client = (options.address or "").startswith("ray://")
+    remote_client = address.startswith("ray://")
     return "path" if len(_alive_nodes(ray)) == 1 and not remote_client else "object-store"
 
 

@@ -8,6 +8,7 @@ Ray) are not marked.
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -116,9 +117,10 @@ def test_ray_output_equals_the_single_process_output(ray_cluster, job_args, refe
 @pytest.mark.slow
 @pytest.mark.parametrize("point", ["embedded", "written"])
 def test_an_actor_killed_mid_run_is_retried_and_nothing_is_lost_or_doubled(point, ray_cluster, job_args, reference,
-                                                                          tmp_path, monkeypatch):
+                                                                          tmp_path, monkeypatch, caplog):
     """SIGKILL in one actor, once, after embedding a window or after committing its part file; the graph
     reaches the restarted actor through the object store."""
+    caplog.set_level(logging.INFO, logger="embedder.distributed")
     marker = tmp_path / "crashed"
     monkeypatch.setenv("EMBEDDER_CRASH_ONCE", f"{point}:{marker}")
     out = tmp_path / "vecs"
@@ -129,6 +131,8 @@ def test_an_actor_killed_mid_run_is_retried_and_nothing_is_lost_or_doubled(point
     assert_same_rows(pq.read_table(out), reference)
     assert sorted(p.name for p in out.iterdir()) == [f"part-{i:06d}.parquet" for i in range(metrics["blocks"])]
     assert metrics["rows"] == reference.num_rows
+    # What the dead attempt left (a half-written or a complete part file) was deleted, not kept twice.
+    assert "left by a failed attempt" in caplog.text
 
 
 @pytest.mark.ray
