@@ -117,8 +117,8 @@ def run(config: JobConfig, options: RayOptions) -> dict:
         results: list[dict] = []
         if inputs.total_rows:
             # ray.init installs its own SIGTERM handler: ours go in after it, and give it back on the way out.
-            with _connected(ray, options.address) as started_here, _stop_on_signals():
-                transfer = _check_cluster(ray, options, started_here)
+            with _connected(ray, options.address) as local, _stop_on_signals():
+                transfer = _check_cluster(ray, options, local)
                 cluster = {"workers": options.workers, "cpus_per_worker": options.cpus_per_worker,
                            "gpus_per_worker": options.gpus_per_worker, "graph_transfer": transfer,
                            "nodes": len(_alive_nodes(ray)), "ray_version": ray.__version__}
@@ -154,13 +154,16 @@ def _import_ray():
 
 @contextlib.contextmanager
 def _connected(ray, address: str | None):
-    """Use the Ray this process is connected to, or connect (address) or start a local one; yield whether we did."""
+    """Use the Ray this process is connected to, else join `address` or RAY_ADDRESS, else start a new local Ray
+    for this run (never a `ray start` cluster found by chance: that takes --address auto); yield whether the
+    Ray is one this run started."""
     if ray.is_initialized():
         yield False
         return
-    ray.init(address=address)
+    started = not address and not os.environ.get("RAY_ADDRESS")
+    ray.init(address="local" if started else address)
     try:
-        yield True
+        yield started
     finally:
         ray.shutdown()
 
@@ -169,7 +172,7 @@ def _alive_nodes(ray) -> list[dict]:
     return [n for n in ray.nodes() if n.get("Alive")]
 
 
-def _check_cluster(ray, options: RayOptions, started_here: bool) -> str:
+def _check_cluster(ray, options: RayOptions, local: bool) -> str:
     """Fail fast (or warn, on a cluster that may autoscale) where the actors cannot all be placed; pick the transfer."""
     resources = ray.cluster_resources()
     cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
@@ -182,7 +185,7 @@ def _check_cluster(ray, options: RayOptions, started_here: bool) -> str:
         problems.append(f"{options.workers} workers x {options.gpus_per_worker:g} GPUs do not fit the cluster's {gpus:g} GPUs")
     address = options.address or os.environ.get("RAY_ADDRESS", "")
     if problems:
-        if started_here and not address:  # our own local Ray: it will not grow
+        if local:  # a Ray this run started: it will not grow
             raise UsageError("; ".join(problems))
         for problem in problems:
             logger.warning("%s (waiting for the cluster to grow)", problem)

@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="actors, each with its own onnxruntime session (default 1)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs Ray reserves for each actor (default 1)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs Ray reserves for each actor; above 0 the actors run on CUDA (default 0)")
-    p.add_argument("--address", help="Ray cluster to join ('auto', host:port or ray://host:10001); default: the one in RAY_ADDRESS, else a new local Ray")
+    p.add_argument("--address", help="Ray cluster to join ('auto': the one started with 'ray start' here; host:port; ray://host:10001); "
+                   "default: the one in RAY_ADDRESS, else a new local Ray for this run")
     p.add_argument("--graph-transfer", default="auto", choices=GRAPH_TRANSFERS,
                    help="how actors get the graph: 'path' reads the cache folder (shared storage), 'object-store' ships its bytes; "
                    "auto: path on a one-node cluster, object-store otherwise")
