@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from embedder.errors import InputError, LockedError, OutputError, UsageError
 from embedder.faults import crash_point
-from embedder.io import ParquetOutput
+from embedder.io import ParquetOutput, fsync_path
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class WorkFolder:
         try:
             with pq.ParquetWriter(tmp, table.schema) as writer:
                 writer.write_table(table)
-            _fsync(tmp)
+            fsync_path(tmp)
             os.replace(tmp, final)
         except OSError as e:
             tmp.unlink(missing_ok=True)
@@ -132,16 +132,8 @@ class WorkFolder:
                 child.unlink()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(data)
-    _fsync(tmp)
+    fsync_path(tmp)
     os.replace(tmp, path)

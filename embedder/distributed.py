@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import signal
-import tempfile
 import threading
 import uuid
 import warnings
@@ -34,7 +33,7 @@ from embedder.cache import GRAPH_FILE, TOKENIZER_FILE, Artifact, get_or_export
 from embedder.config import JobConfig, default_cache_dir
 from embedder.encode import BatchingOptions, make_tokenizer
 from embedder.errors import EmbedderError, InputError, Interrupted, OutputError, OutputExistsError, UsageError
-from embedder.io import InputSet, open_inputs, output_schema
+from embedder.io import InputSet, check_output, open_inputs, output_schema
 from embedder.job import build_file_metadata
 from embedder.metrics import Metrics, Progress, summary_line, write_json_atomic
 from embedder.ray_worker import EmbedActor, GraphSource, WorkerOptions
@@ -82,23 +81,10 @@ def actor_device(device: str, gpus_per_worker: float) -> str:
     return "cpu"
 
 
-def check_output_folder(out: Path, overwrite: bool) -> None:
-    """Refuse an existing OUT (unless overwrite) and a parent folder we cannot write, before any work."""
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"output {out} exists; pass --overwrite to replace it")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise UsageError(f"output folder {parent} does not exist")
-    try:
-        Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".probe", dir=parent)).rmdir()
-    except OSError as e:
-        raise UsageError(f"output folder {parent} is not writable: {e.strerror}") from e
-
-
 def run(config: JobConfig, options: RayOptions) -> dict:
     """Embed every row of config.inputs into the Parquet folder config.output on Ray; return the metrics."""
     metrics = Metrics()
-    check_output_folder(config.output, config.overwrite)
+    check_output(config.output, config.overwrite, folder=True)
     inputs = open_inputs(config.inputs, config.text_col, list(config.keep_cols) if config.keep_cols is not None else None)
     device = actor_device(config.device, options.gpus_per_worker)
     ray = _import_ray()  # before the model: a missing extra should not wait for an export

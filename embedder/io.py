@@ -250,9 +250,21 @@ def embedding_array(vectors: np.ndarray, valid: np.ndarray) -> pa.FixedSizeListA
     return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), dim, mask=pa.array(~valid))
 
 
-def check_output(out: Path, overwrite: bool) -> None:
-    """Refuse an existing OUT (unless overwrite) and an output folder we cannot write, before any work."""
-    if out.is_dir():
+def fsync_path(path: Path) -> None:
+    """Flush a file's data to disk, so a rename after it never publishes a half-written file."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_output(out: Path, overwrite: bool, folder: bool = False) -> None:
+    """Refuse an existing OUT (unless overwrite) and an output folder we cannot write, before any work.
+
+    folder: OUT is a folder of part files (the Ray job), not a file.
+    """
+    if out.is_dir() and not folder:
         raise UsageError(f"output {out} is a folder; give a file path")
     if out.exists() and not overwrite:
         raise OutputExistsError(f"output {out} exists; pass --overwrite to replace it")

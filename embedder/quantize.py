@@ -22,13 +22,14 @@ from embedder.errors import ExportError
 logger = logging.getLogger(__name__)
 
 MIN_COSINE = 0.99
-# Keep the summed per-node error well inside the gate: errors of separate nodes roughly add up.
-_BUDGET_FRACTION = 0.5
+# Aim well inside the gate: errors of separate nodes roughly add up, and other text than the gate's
+# can be harder (on 10,000 docstrings the first version, aimed at 0.995, measured 0.9897).
+_BUDGET_FRACTION = 0.25
 _GATE_MODULES = ("argparse", "json/__init__.py", "pathlib.py", "collections/__init__.py", "textwrap.py",
                  "email/message.py", "logging/__init__.py", "csv.py", "datetime.py", "functools.py")
 
 
-def gate_texts(limit: int = 256) -> list[str]:
+def gate_texts(limit: int = 512) -> list[str]:
     """Docstrings of standard-library modules: real text of varied length, on every Python install."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     texts: list[str] = []

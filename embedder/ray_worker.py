@@ -27,6 +27,7 @@ from embedder.cache import GRAPH_FILE, MANIFEST_FILE, TOKENIZER_FILE, Artifact
 from embedder.encode import BatchingOptions, WindowEmbedder
 from embedder.errors import EmbedderError, ExportError, InputError, OutputError
 from embedder.faults import crash_once
+from embedder.io import fsync_path
 from embedder.metrics import Metrics, peak_rss_mb
 from embedder.spec import hash_files
 
@@ -138,7 +139,7 @@ class EmbedActor:
                     with metrics.stage("write"):
                         writer.write_table(table.cast(self.options.output_schema))
             with metrics.stage("write"):
-                _fsync(tmp)
+                fsync_path(tmp)
                 os.replace(tmp, staging / name)
         except BaseException as e:
             tmp.unlink(missing_ok=True)
@@ -187,11 +188,3 @@ def _check_utf8(block: pa.Table, text_col: str) -> None:
                 f"column '{text_col}' holds bytes that are not valid UTF-8 (row {where}: {e.reason} at byte "
                 f"{e.start}); decode or clean the text before embedding"
             ) from None
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

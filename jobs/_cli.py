@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import Callable
@@ -20,6 +21,29 @@ def setup_logging(level: str) -> None:
     # transformers and huggingface_hub log at INFO/WARNING about things the job already handles.
     for noisy in ("transformers", "huggingface_hub", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def run_job(prog: str, args, produce_metrics: Callable[[], dict]) -> int:
+    """Run a job; print its metrics JSON as the last stdout line; write the Prometheus file if asked.
+
+    The Prometheus file is written on failure too, with the exit code, so an alert can fire on it.
+    """
+    outcome: dict = {}
+
+    def job() -> int:
+        outcome["metrics"] = produce_metrics()
+        print(json.dumps(outcome["metrics"], sort_keys=True), flush=True)
+        return 0
+
+    code = run_main(prog, job)
+    if args.prometheus_out:
+        from embedder.metrics import write_prometheus
+
+        try:
+            write_prometheus(args.prometheus_out, str(args.out), code, outcome.get("metrics"))
+        except OSError as e:
+            print(f"{prog}: warning: cannot write {args.prometheus_out}: {e}", file=sys.stderr)
+    return code
 
 
 def run_main(prog: str, main: Callable[[], int]) -> int:

@@ -8,14 +8,13 @@ The metrics JSON is the last line of stdout.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from embedder.config import DEFAULT_OPSET, PRECISIONS, ExportOptions, JobConfig
 from embedder.io import parse_shard
 from embedder.spec import parse_pooling
-from jobs._cli import run_main, setup_logging
+from jobs._cli import run_job, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,25 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
 
-    outcome: dict = {}
-
-    def embed() -> int:
+    def embed() -> dict:
         from embedder.job import run  # after argument parsing: --help stays instant
 
-        outcome["metrics"] = run(config_from_args(args))
-        print(json.dumps(outcome["metrics"], sort_keys=True), flush=True)
-        return 0
+        return run(config_from_args(args))
 
-    code = run_main("jobs.embed", embed)
-    if args.prometheus_out:
-        from embedder.metrics import write_prometheus
-
-        try:
-            write_prometheus(args.prometheus_out, str(args.out), code, outcome.get("metrics"))
-        except OSError as e:
-            print(f"jobs.embed: warning: cannot write {args.prometheus_out}: {e}", file=sys.stderr)
-    return code
-
+    return run_job("jobs.embed", args, embed)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,11 +9,10 @@ The metrics JSON is the last line of stdout.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from jobs._cli import run_main, setup_logging
+from jobs._cli import run_job, setup_logging
 from jobs.embed import add_model_options, add_reporting_options, config_from_args
 
 GRAPH_TRANSFERS = ("auto", "path", "object-store")  # embedder.distributed.GRAPH_TRANSFERS, without importing it
@@ -47,28 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
-    outcome: dict = {}
-
-    def embed() -> int:
+    def embed() -> dict:
         from embedder.distributed import RayOptions, run  # after argument parsing: --help stays instant
 
         options = RayOptions(workers=args.workers, cpus_per_worker=args.cpus_per_worker,
                              gpus_per_worker=args.gpus_per_worker, address=args.address,
                              graph_transfer=args.graph_transfer, max_retries=args.max_retries)
-        outcome["metrics"] = run(config_from_args(args), options)
-        print(json.dumps(outcome["metrics"], sort_keys=True), flush=True)
-        return 0
+        return run(config_from_args(args), options)
 
-    code = run_main("jobs.embed_ray", embed)
-    if args.prometheus_out:
-        from embedder.metrics import write_prometheus
-
-        try:
-            write_prometheus(args.prometheus_out, str(args.out), code, outcome.get("metrics"))
-        except OSError as e:
-            print(f"jobs.embed_ray: warning: cannot write {args.prometheus_out}: {e}", file=sys.stderr)
-    return code
-
+    return run_job("jobs.embed_ray", args, embed)
 
 if __name__ == "__main__":
     sys.exit(main())
