@@ -50,7 +50,7 @@ class JobConfig:
     device: str = "auto"
     export: ExportOptions = ExportOptions()
     max_seq_len: int | None = None  # None: the model's max_seq_length
-    max_tokens: int = 16384  # padded tokens (rows x longest row) per batch
+    max_tokens: int | None = None  # padded tokens (rows x longest row) per batch; None: sized for the device
     max_batch_size: int = 256
     window_rows: int = 20000
     prompt: str | None = None  # None: the model's default prompt, if it has one
@@ -66,7 +66,7 @@ class JobConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_tokens", "max_batch_size", "window_rows"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.max_seq_len is not None and self.max_seq_len < 2:
             raise UsageError(f"--max-seq-len must be at least 2, got {self.max_seq_len}")

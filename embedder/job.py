@@ -47,6 +47,8 @@ def run(config: JobConfig) -> dict:
                                   BatchingOptions(config.max_tokens, config.max_batch_size))
     encoder = embedder.encoder
     metrics.cache_hit, metrics.provider, metrics.device = artifact.hit, encoder.provider, encoder.device
+    metrics.batching = {"window_rows": config.window_rows, "max_tokens": embedder.batching.max_tokens,
+                        "max_batch_size": embedder.batching.max_batch_size}
     logger.info("model %s (dim %d, max_seq_length %d) on %s", spec.name, artifact.manifest["dim"],
                 embedder.tokenizer.max_seq_length, encoder.device)
 
@@ -54,7 +56,7 @@ def run(config: JobConfig) -> dict:
     schema = output_schema(inputs.keep_schema, artifact.manifest["dim"], file_metadata)
     work = WorkFolder(config.output)
     with work.locked(), _stop_on_signals() as stop:
-        done = work.prepare(_fingerprint(config, inputs, file_metadata), config.restart, config.resume)
+        done = work.prepare(_fingerprint(config, inputs, file_metadata, embedder.batching), config.restart, config.resume)
         skip = min(done * config.window_rows, inputs.total_rows)
         metrics.resumed_rows = skip
         progress = Progress(inputs.total_rows, config.progress, initial=skip)
@@ -137,7 +139,7 @@ def _prefetch(items):
                 worker.join(timeout=0.1)
 
 
-def _fingerprint(config: JobConfig, inputs: InputSet, file_metadata: dict) -> dict:
+def _fingerprint(config: JobConfig, inputs: InputSet, file_metadata: dict, batching: BatchingOptions) -> dict:
     """What committed progress belongs to; a rerun resumes only if all of it is the same."""
     files = {}
     for path in inputs.files:
@@ -153,7 +155,7 @@ def _fingerprint(config: JobConfig, inputs: InputSet, file_metadata: dict) -> di
         "prompt": file_metadata["prompt"],
         "shard": list(config.shard),
         # Batching shapes the floating-point sums: keep it equal so a resumed run is bit-identical.
-        "batching": [config.window_rows, config.max_tokens, config.max_batch_size],
+        "batching": [config.window_rows, batching.max_tokens, batching.max_batch_size],
     }
 
 

@@ -33,6 +33,7 @@ class Metrics:
     provider: str = ""
     device: str = ""
     cache_hit: bool | None = None
+    batching: dict = field(default_factory=dict)  # the effective window, token budget and batch cap
     stage_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
     started: float = field(default_factory=time.perf_counter)
 
@@ -66,6 +67,7 @@ class Metrics:
             "provider": self.provider,
             "device": self.device,
             "cache_hit": self.cache_hit,
+            "batching": self.batching,
             "peak_rss_mb": round(peak_rss_mb(), 1),
         }
 

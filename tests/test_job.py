@@ -132,7 +132,10 @@ def test_metrics_json_is_last_stdout_line(mixed_corpus, job_cache, tmp_path, cap
     assert embed_main(["--in", str(mixed_corpus), "--out", str(out), "--cache-dir", str(job_cache),
                        "--keep-cols", "id", "--progress", "off"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert json.loads(last)["rows"] == 90
+    metrics = json.loads(last)
+    assert metrics["rows"] == 90
+    # No --max-tokens: the CPU default (small batches stay in cache) is what ran.
+    assert metrics["batching"] == {"window_rows": 20000, "max_tokens": 2048, "max_batch_size": 256}
     assert pq.read_schema(out).names == ["id", "embedding"]
 
 
