@@ -30,6 +30,8 @@ def main() -> int:
         corpus, out, metrics_file = Path(tmp) / "corpus", Path(tmp) / "vecs.parquet", Path(tmp) / "metrics.json"
         subprocess.run([sys.executable, str(ROOT / "scripts" / "make_corpus.py"), "--out", str(corpus),
                         "--rows", str(args.rows), "--files", str(args.files)], check=True, capture_output=True)
+        # Export first, in its own process: torch's footprint belongs to the export, not the run.
+        subprocess.run([sys.executable, "-m", "jobs.export"], cwd=ROOT, check=True, capture_output=True)
         subprocess.run([sys.executable, "-m", "jobs.embed", "--in", str(corpus), "--out", str(out), "--progress", "off",
                         "--max-seq-len", str(args.max_seq_len), "--metrics-out", str(metrics_file)],
                        cwd=ROOT, check=True, capture_output=True)
