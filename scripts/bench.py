@@ -190,7 +190,7 @@ def main() -> int:
                "flop_per_token": flops / lengths.sum(), "results": results,
                "date": time.strftime("%Y-%m-%d")}
     (args.out_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    title = (f"{model_path.name}, {len(texts)} docstring rows (mean {lengths.mean():.0f} tokens), "
+    title = (f"{args.model or 'all-MiniLM-L6-v2'}, {len(texts)} docstring rows (mean {lengths.mean():.0f} tokens), "
              f"{machine['processor']}, {args.threads} threads")
     chart(results, args.out_dir / "chart.png", title)
     print(markdown(summary))
