@@ -242,24 +242,29 @@ def build_plain_bert(root: Path) -> Path:
     return _bert_checkpoint(root / "plain_bert", max_positions=PLAIN_MAX_POSITIONS)
 
 
+def _roberta_like_config(config_cls, tokenizer, max_seq_length: int):
+    """A tiny RoBERTa-family config: one token type, positions offset by padding_idx + 1."""
+    return config_cls(
+        vocab_size=len(tokenizer),
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        intermediate_size=INTERMEDIATE,
+        max_position_embeddings=max_seq_length + 2,
+        type_vocab_size=1,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
 def build_roberta(root: Path) -> Path:
     """RoBERTa with byte-level BPE, mean pooling, no Normalize module, no token_type_ids input."""
     from sentence_transformers.sentence_transformer.modules import Pooling
     from transformers import RobertaConfig, RobertaModel
 
     tokenizer = byte_level_bpe_tokenizer()
-    config = RobertaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        intermediate_size=INTERMEDIATE,
-        max_position_embeddings=MAX_SEQ_LENGTH + 2,
-        type_vocab_size=1,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    config = _roberta_like_config(RobertaConfig, tokenizer, MAX_SEQ_LENGTH)
     hf = _save_hf(_seeded(lambda: RobertaModel(config)), tokenizer, root / "roberta-hf")
     return save_sentence_transformer(hf, root / "roberta", MAX_SEQ_LENGTH, lambda: [Pooling(HIDDEN, "mean")])
 
@@ -294,18 +299,7 @@ def build_xlmr(root: Path) -> Path:
     from transformers import XLMRobertaConfig, XLMRobertaModel
 
     tokenizer = unigram_tokenizer()
-    config = XLMRobertaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        intermediate_size=INTERMEDIATE,
-        max_position_embeddings=XLMR_MAX_SEQ_LENGTH + 2,
-        type_vocab_size=1,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    config = _roberta_like_config(XLMRobertaConfig, tokenizer, XLMR_MAX_SEQ_LENGTH)
     hf = _save_hf(_seeded(lambda: XLMRobertaModel(config)), tokenizer, root / "xlmr-hf")
     # The tokenizer says 512 (as real XLM-R's does); the legacy max_seq_length key must win over it.
     out = save_sentence_transformer(
