@@ -1,0 +1,75 @@
+"""Inference rate by token budget (--max-tokens) on the CPU: where the default comes from.
+
+    python scripts/bench_batching.py --rows 4000
+
+Makes a docstring corpus, exports (or reuses) the default model's graph, tokenizes once, then runs
+the same rows through onnxruntime at each budget, alternating budgets over --repeats rounds so a
+slow minute on a shared machine hits every budget alike. Prints the median tokens/s per budget,
+the padding efficiency, and the ratio to the 16384 budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=4000)
+    p.add_argument("--budgets", default="1024,2048,4096,8192,16384")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+
+    from embedder import ExportOptions, get_or_export, load_spec
+    from embedder.batching import pad_batch, plan_batches
+    from embedder.config import default_cache_dir
+    from embedder.runtime import create_encoder
+    from embedder.tokenize import TextTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="embedder-batching-") as tmp:
+        corpus = Path(tmp) / "corpus.parquet"
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_corpus.py"), "--out", str(corpus),
+                        "--rows", str(args.rows)], check=True, capture_output=True)
+        texts = [t for t in pq.read_table(corpus, columns=["text"]).column("text").to_pylist() if t is not None]
+    artifact = get_or_export(load_spec(None), ExportOptions(), default_cache_dir())
+    tokens = TextTokenizer(artifact.tokenizer_path, artifact.manifest["max_seq_length"]).encode(texts)
+    encoder = create_encoder(artifact.graph_path, "cpu", args.threads)
+    pad_id = artifact.manifest["pad_token_id"]
+    budgets = [int(b) for b in args.budgets.split(",")]
+    plans = {b: [pad_batch(tokens.ids, tokens.offsets, rows, pad_id)
+                 for rows in plan_batches(tokens.lengths, b, 256)] for b in budgets}
+    rates: dict[int, list[float]] = {b: [] for b in budgets}
+    real = int(tokens.lengths.sum())
+    for _ in range(args.repeats):
+        for budget in budgets:
+            started = time.perf_counter()
+            for batch in plans[budget]:
+                encoder(batch.input_ids, batch.attention_mask)
+            rates[budget].append(real / (time.perf_counter() - started))
+    base = float(np.median(rates[16384])) if 16384 in rates else None
+    for budget in budgets:
+        median = float(np.median(rates[budget]))
+        print(json.dumps({
+            "max_tokens": budget, "tokens_per_second": round(median),
+            "padding_efficiency": round(real / sum(b.padded_tokens for b in plans[budget]), 4),
+            "ratio_to_16384": round(median / base, 3) if base else None,
+            "rows": len(texts), "threads": args.threads,
+        }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
