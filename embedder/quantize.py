@@ -9,15 +9,14 @@ kept in fp32 until the rest fit the budget, and the result must pass the gate or
 
 from __future__ import annotations
 
-import ast
 import logging
-import sysconfig
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from embedder.errors import ExportError
+from embedder.gate import row_cosines
 
 logger = logging.getLogger(__name__)
 
@@ -25,32 +24,6 @@ MIN_COSINE = 0.99
 # Aim well inside the gate: errors of separate nodes roughly add up, and other text than the gate's
 # can be harder (on 10,000 docstrings the first version, aimed at 0.995, measured 0.9897).
 _BUDGET_FRACTION = 0.25
-_GATE_MODULES = ("argparse", "json/__init__.py", "pathlib.py", "collections/__init__.py", "textwrap.py",
-                 "email/message.py", "logging/__init__.py", "csv.py", "datetime.py", "functools.py")
-
-
-def gate_texts(limit: int = 512) -> list[str]:
-    """Docstrings of standard-library modules: real text of varied length, on every Python install."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    texts: list[str] = []
-    for name in _GATE_MODULES:
-        path = stdlib / (name if name.endswith(".py") else f"{name}.py")
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (OSError, SyntaxError, ValueError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc and doc not in texts:
-                    texts.append(doc)
-    if len(texts) < 32:
-        raise ExportError("too few standard-library docstrings found to gate int8 quantization")
-    return texts[:limit]
-
-
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30)
 
 
 def quantize_int8(graph_path: Path, embed: Callable[[Path], np.ndarray], min_cosine: float | None = None) -> dict:
@@ -77,7 +50,7 @@ def quantize_int8(graph_path: Path, embed: Callable[[Path], np.ndarray], min_cos
     try:
         errors = {}
         for node in candidates:
-            errors[node] = float(1 - _cosines(quantized([node]), reference).min())
+            errors[node] = float(1 - row_cosines(quantized([node]), reference).min())
         ranked = sorted(candidates, key=lambda n: errors[n], reverse=True)
         budget = (1 - min_cosine) * _BUDGET_FRACTION
         excluded: list[str] = []
@@ -88,7 +61,7 @@ def quantize_int8(graph_path: Path, embed: Callable[[Path], np.ndarray], min_cos
             if not kept:
                 raise ExportError(f"int8 quantization cannot reach min cosine {min_cosine} against fp32 even "
                                   "with one MatMul quantized; use --precision fp32")
-            cosines = _cosines(quantized(kept), reference)
+            cosines = row_cosines(quantized(kept), reference)
             if cosines.min() >= min_cosine:
                 break
             logger.info("int8 gate: min cosine %.5f < %.3f with %d nodes in fp32; keeping one more in fp32",
