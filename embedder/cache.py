@@ -1,6 +1,7 @@
 """Content-addressed cache of exported graphs: key, lock, atomic install, verified manifest.
 
-Layout: CACHE/<model key>/<exporter key>/{model.onnx, tokenizer.json, manifest.json}.
+Layout: CACHE/<model key>/<exporter key>/{model.onnx, [model.cuda.onnx,] tokenizer.json, manifest.json};
+the manifest's `graphs` names the graph file for each device kind (cpu, cuda).
 The model key hashes the model's files and every option that shapes the graph; the exporter key
 hashes the torch, transformers and onnx versions that wrote it. A host without torch (inference
 only) cannot know which exporter a build host used, so it takes the newest verified entry under
@@ -32,7 +33,7 @@ GRAPH_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 MANIFEST_FILE = "manifest.json"
 # Bump when the exporter's output changes for the same inputs (wrapper, names, post-processing).
-EXPORT_FORMAT = 2
+EXPORT_FORMAT = 3
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,17 @@ class Artifact:
 
     @property
     def graph_path(self) -> Path:
+        """The entry's main graph: the one a CPU runs, or the only one (fp16)."""
         return self.folder / GRAPH_FILE
+
+    @property
+    def graphs(self) -> dict[str, Path]:
+        """Graph file for each device kind this entry can run on ("cpu", "cuda")."""
+        return {kind: self.folder / name for kind, name in self.manifest["graphs"].items()}
+
+    @property
+    def precision(self) -> str:
+        return self.manifest["precision"]
 
     @property
     def tokenizer_path(self) -> Path:
@@ -175,7 +186,7 @@ def _install(spec, options, model_dir: Path, exporter: str, key: str, content_ha
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **fields,
             "exporter": {**versions, **fields["exporter"]},
-            "files": {name: hash_files([staging / name]) for name in (GRAPH_FILE, TOKENIZER_FILE)},
+            "files": {name: hash_files([staging / name]) for name in sorted({*fields["graphs"].values(), TOKENIZER_FILE})},
         }
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         final = model_dir / exporter

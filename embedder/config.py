@@ -6,9 +6,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from embedder.errors import UsageError
+from embedder.runtime import resolve_kind
 from embedder.spec import Pooling
 
-PRECISIONS = ("fp32", "int8")  # int8: CPU only, gated against fp32 at export
+# Each precision and the device kinds its graphs run on. int8 uses CPU-only kernels, fp16 is for
+# CUDA (on the CPU onnxruntime would run much of it in fp32, slower than fp32 itself); both are gated
+# against fp32 at export.
+PRECISIONS = {"fp32": ("cpu", "cuda"), "int8": ("cpu",), "fp16": ("cuda",)}
 DEFAULT_OPSET = 17
 
 
@@ -78,3 +82,5 @@ class JobConfig:
             raise UsageError("--resume and --restart contradict each other; pick one")
         if not self.text_col:
             raise UsageError("--text-col must name a column")
+        # Refuse a device the precision cannot run on now, not after an export.
+        resolve_kind(PRECISIONS[self.export.precision], self.device, self.export.precision)

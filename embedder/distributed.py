@@ -29,14 +29,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embedder import errors
-from embedder.cache import GRAPH_FILE, TOKENIZER_FILE, Artifact, get_or_export
-from embedder.config import JobConfig, default_cache_dir
+from embedder.cache import Artifact, get_or_export
+from embedder.config import PRECISIONS, JobConfig, default_cache_dir
 from embedder.encode import BatchingOptions, make_tokenizer
 from embedder.errors import EmbedderError, InputError, Interrupted, OutputError, OutputExistsError, UsageError
 from embedder.io import InputSet, check_output, open_inputs, output_schema
 from embedder.job import build_file_metadata
 from embedder.metrics import Metrics, Progress, summary_line, write_json_atomic
 from embedder.ray_worker import EmbedActor, GraphSource, WorkerOptions
+from embedder.runtime import resolve_kind
 from embedder.spec import load_spec
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ def run(config: JobConfig, options: RayOptions) -> dict:
     check_output(config.output, config.overwrite, folder=True)
     inputs = open_inputs(config.inputs, config.text_col, list(config.keep_cols) if config.keep_cols is not None else None)
     device = actor_device(config.device, options.gpus_per_worker)
+    resolve_kind(PRECISIONS[config.export.precision], device, config.export.precision)  # fp16 needs GPUs, int8 none
     ray = _import_ray()  # before the model: a missing extra should not wait for an export
     logger.info("input: %d files, %d row groups, %d rows", len(inputs.files), len(inputs.units), inputs.total_rows)
 
@@ -184,7 +186,7 @@ def _check_cluster(ray, options: RayOptions, local: bool) -> str:
 def _graph_source(ray, artifact: Artifact, transfer: str) -> GraphSource:
     if transfer == "path":
         return GraphSource(artifact.manifest, folder=str(artifact.folder.resolve()))
-    files = {name: (artifact.folder / name).read_bytes() for name in (GRAPH_FILE, TOKENIZER_FILE)}
+    files = {name: (artifact.folder / name).read_bytes() for name in artifact.manifest["files"]}
     logger.info("graph shipped through the object store (%.1f MB)", sum(map(len, files.values())) / 1e6)
     return GraphSource(artifact.manifest, files_ref=ray.put(files))
 

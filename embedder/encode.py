@@ -51,7 +51,7 @@ class WindowEmbedder:
                  max_seq_len: int | None = None, prompt: str | None = None,
                  batching: BatchingOptions = BatchingOptions()):
         self.tokenizer = make_tokenizer(artifact, max_seq_len, prompt)
-        self.encoder: Encoder = create_encoder(artifact.graph_path, device, threads)
+        self.encoder: Encoder = create_encoder(artifact.graphs, device, threads, artifact.precision)
         self.pad_id = int(artifact.manifest["pad_token_id"])
         if batching.max_tokens is None:
             batching = replace(batching, max_tokens=DEFAULT_MAX_TOKENS.get(self.encoder.provider, 2048))

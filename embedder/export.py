@@ -6,6 +6,7 @@ on a miss.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import time
@@ -20,6 +21,7 @@ from embedder.spec import ModelSpec, Pooling
 logger = logging.getLogger(__name__)
 
 GRAPH_FILE = "model.onnx"
+FUSED_FILE = "model.cuda.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 OUTPUT_NAME = "sentence_embedding"
 AXES = {0: "batch", 1: "sequence"}
@@ -231,21 +233,48 @@ def export_graph(spec: ModelSpec, options: ExportOptions, out_dir: Path) -> dict
     except Exception as e:
         raise ExportError(f"onnx checker rejected the graph of {spec.name}: {e}") from e
 
-    validation = _validate(torch, wrapper, graph_path, backend, input_names, spec, pad_id, np)
-    optimization = _optimize(graph_path, spec, transformer.config, lambda path: _validate(torch, wrapper, path, backend, input_names, spec, pad_id, np))
-    if optimization.get("applied"):
-        validation = optimization.pop("validation")
-        _check_interface(read_graph_info(graph_path), input_names, spec.dim)
-    quantization = None
-    if options.precision == "int8":
-        from embedder.quantize import gate_texts, quantize_int8
+    def validate(path: Path) -> dict:
+        return _validate(torch, wrapper, path, backend, input_names, spec, pad_id, np)
 
-        gate = _batches_of(gate_texts(), backend, spec, pad_id, input_names)
-        quantization = quantize_int8(graph_path, lambda path: _run_graph(path, gate))
-        _check_interface(read_graph_info(graph_path), input_names, spec.dim)
+    @functools.cache
+    def gate_feeds() -> list[dict]:
+        from embedder.gate import gate_texts
+
+        return _batches_of(gate_texts(), backend, spec, pad_id, input_names)
+
+    def gate_vectors(path: Path, providers: list[str]):
+        return _run_graph(path, gate_feeds(), providers)
+
+    validation = validate(graph_path)
+    fused_path = out_dir / FUSED_FILE
+    if options.precision == "int8":
+        optimization = {"applied": False, "reason": "int8 quantizes the plain graph, the one the CPU runs"}
+    else:
+        optimization = _optimize(graph_path, fused_path, spec, transformer.config, validate)
+    # The plain graph is for the CPU: there onnxruntime's own session optimizer makes it faster than
+    # the offline-fused one at the CPU's batch sizes. The fused one (Attention) is for CUDA.
+    graphs = {"cpu": GRAPH_FILE, "cuda": FUSED_FILE if optimization["applied"] else GRAPH_FILE}
+    quantization = half = None
+    if options.precision == "int8":
+        from embedder.quantize import quantize_int8
+
+        quantization = quantize_int8(graph_path, lambda path: gate_vectors(path, ["CPUExecutionProvider"]))
+        graphs = {"cpu": GRAPH_FILE}
+    elif options.precision == "fp16":
+        from embedder.half import convert_fp16
+
+        source = out_dir / graphs["cuda"]
+        half = convert_fp16(source, graph_path, gate_vectors)
+        graphs = {"cuda": GRAPH_FILE}
+    for name in set(graphs.values()):
+        _check_interface(read_graph_info(out_dir / name), input_names, spec.dim)
+    if FUSED_FILE not in graphs.values():
+        fused_path.unlink(missing_ok=True)
     return {
+        "graphs": graphs,
         "optimization": optimization,
         "quantization": quantization,
+        "fp16": half,
         "inputs": [t.to_dict() for t in info.inputs],
         "outputs": [t.to_dict() for t in info.outputs],
         "pad_token_id": int(pad_id),
@@ -259,16 +288,15 @@ def export_graph(spec: ModelSpec, options: ExportOptions, out_dir: Path) -> dict
 _FUSABLE = {"bert", "roberta", "xlm-roberta", "distilbert", "camembert", "electra", "mpnet"}
 
 
-def _optimize(graph_path: Path, spec: ModelSpec, config, validate) -> dict:
-    """Fuse attention, LayerNorm and GELU offline; keep the fused graph only if it validates too.
+def _optimize(graph_path: Path, fused_path: Path, spec: ModelSpec, config, validate) -> dict:
+    """Write an offline-fused copy (Attention, LayerNorm, GELU) to fused_path if it validates too.
 
-    onnxruntime's online optimizer does not fuse Attention or EmbedLayerNormalization; its offline
+    onnxruntime's session optimizer does not fuse Attention or EmbedLayerNormalization; its offline
     transformer optimizer does, on the eager-attention export. A fusion that changes the numbers
-    (or fails) leaves the plain graph in place, which is still exact.
+    (or fails) writes nothing: the plain graph, still exact, serves every provider.
     """
     if spec.model_type not in _FUSABLE:
         return {"applied": False, "reason": f"no fusion recipe for model type {spec.model_type!r}"}
-    fused_path = graph_path.with_name("fused.onnx")
     try:
         from onnxruntime.transformers import optimizer
 
@@ -286,7 +314,6 @@ def _optimize(graph_path: Path, spec: ModelSpec, config, validate) -> dict:
         fused_path.unlink(missing_ok=True)
         logger.warning("graph fusion skipped for %s: %s", spec.name, e)
         return {"applied": False, "reason": f"{type(e).__name__}: {e}"}
-    fused_path.replace(graph_path)
     return {"applied": True, "fused_operators": fused, "validation": validation}
 
 
@@ -297,11 +324,11 @@ def _batches_of(texts: list[str], backend, spec: ModelSpec, pad_id: int, input_n
             for i in range(0, len(texts), size)]
 
 
-def _run_graph(graph_path: Path, feeds: list[dict]):
+def _run_graph(graph_path: Path, feeds: list[dict], providers: list[str]):
     import numpy as np
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(graph_path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(graph_path), providers=providers)
     return np.concatenate([session.run([OUTPUT_NAME], f)[0] for f in feeds])
 
 

@@ -19,10 +19,9 @@ from embedder.cache import Artifact, get_or_export
 from embedder.checkpoint import WorkFolder
 from embedder.config import JobConfig, default_cache_dir
 from embedder.encode import BatchingOptions, WindowEmbedder
-from embedder.errors import Interrupted, UsageError
+from embedder.errors import Interrupted
 from embedder.faults import crash_point
 from embedder.io import InputSet, check_output, iter_record_batches, open_inputs, output_schema
-from embedder.runtime import parse_device
 from embedder.metrics import Metrics, Progress, summary_line, write_json_atomic
 from embedder.spec import load_spec
 from embedder.tokenize import TextTokenizer
@@ -39,11 +38,10 @@ def run(config: JobConfig) -> dict:
     logger.info("input: %d files, %d row groups, %d rows (shard %d/%d)", len(inputs.files), len(inputs.units),
                 inputs.total_rows, *config.shard)
 
-    device = _device_for(config)
     with metrics.stage("model"):
         spec = load_spec(config.model, config.export.pooling)
         artifact = get_or_export(spec, config.export, config.cache_dir or default_cache_dir())
-        embedder = WindowEmbedder(artifact, device, config.threads, config.max_seq_len, config.prompt,
+        embedder = WindowEmbedder(artifact, config.device, config.threads, config.max_seq_len, config.prompt,
                                   BatchingOptions(config.max_tokens, config.max_batch_size))
     encoder = embedder.encoder
     metrics.cache_hit, metrics.provider, metrics.device = artifact.hit, encoder.provider, encoder.device
@@ -83,16 +81,6 @@ def run(config: JobConfig) -> dict:
         write_json_atomic(config.metrics_out, result)
     logger.info("done: %s", summary_line(result))
     return result
-
-
-def _device_for(config: JobConfig) -> str:
-    """int8 graphs use CPU-only kernels: auto means CPU for them, an explicit CUDA is refused."""
-    if config.export.precision != "int8":
-        return config.device
-    kind, _ = parse_device(config.device)
-    if kind == "cuda":
-        raise UsageError("--precision int8 runs on the CPU provider only; use --device cpu, or fp32 on CUDA")
-    return "cpu"
 
 
 def _prefetch(items):

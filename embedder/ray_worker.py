@@ -9,6 +9,7 @@ inside the actor (this module is loaded by Ray workers, never by the single-proc
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from embedder.cache import GRAPH_FILE, MANIFEST_FILE, TOKENIZER_FILE, Artifact
+from embedder.cache import MANIFEST_FILE, Artifact
 from embedder.encode import BatchingOptions, WindowEmbedder
 from embedder.errors import EmbedderError, ExportError, InputError, OutputError
 from embedder.faults import crash_once
@@ -32,8 +33,6 @@ from embedder.metrics import Metrics, peak_rss_mb
 from embedder.spec import hash_files
 
 logger = logging.getLogger(__name__)
-
-SHIPPED_FILES = (GRAPH_FILE, TOKENIZER_FILE)
 
 
 @dataclass(frozen=True)
@@ -63,7 +62,7 @@ class WorkerOptions:
 def _verified(folder: Path, manifest: dict) -> bool:
     """True if every shipped file in folder hashes as the manifest records."""
     try:
-        return all(hash_files([folder / name]) == manifest["files"][name] for name in SHIPPED_FILES)
+        return all(hash_files([folder / name]) == digest for name, digest in manifest["files"].items())
     except OSError:
         return False
 
@@ -82,7 +81,7 @@ def materialize_graph(source: GraphSource) -> Artifact:
 
     import ray  # only ever reached inside a Ray worker
 
-    digest = manifest["files"][GRAPH_FILE]
+    digest = hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()
     root = Path(tempfile.gettempdir()) / "embedder-ray-graphs"
     folder = root / digest[:32]
     if folder.is_dir() and _verified(folder, manifest):
@@ -91,8 +90,8 @@ def materialize_graph(source: GraphSource) -> Artifact:
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=root))
     try:
-        for name in SHIPPED_FILES:
-            (staging / name).write_bytes(files[name])
+        for name, data in files.items():
+            (staging / name).write_bytes(data)
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         if not _verified(staging, manifest):
             raise ExportError("the graph received from the driver does not match its manifest hashes")

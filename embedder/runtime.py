@@ -67,6 +67,16 @@ def _driver_missing() -> str | None:
     return None
 
 
+def cuda_problem() -> str | None:
+    """Why onnxruntime's CUDA provider cannot run here, or None if it may (the session still decides)."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if CUDA not in available:
+        return f"this onnxruntime build has no CUDA provider (it has: {', '.join(available)}); install onnxruntime-gpu"
+    return _driver_missing()
+
+
 def _preload_cuda_libraries(ort) -> None:
     """Load CUDA and cuDNN from the nvidia-* pip wheels (onnxruntime-gpu[cuda,cudnn]) when installed."""
     preload = getattr(ort, "preload_dlls", None)
@@ -77,19 +87,38 @@ def _preload_cuda_libraries(ort) -> None:
             logger.debug("onnxruntime.preload_dlls: %s", e)
 
 
-def create_encoder(graph: Path, device: str = "auto", threads: int | None = None) -> Encoder:
-    """A session on CUDA or CPU; asking for CUDA and not getting it raises DeviceError."""
+def resolve_kind(kinds, device: str, precision: str) -> str:
+    """What to try for --device (cpu, cuda or auto) when graphs exist only for these device kinds."""
+    kind, _ = parse_device(device)
+    if "cuda" not in kinds:
+        if kind == "cuda":
+            raise UsageError(f"--precision {precision} runs on the CPU provider only; use --device cpu, "
+                             "or another precision on CUDA")
+        return "cpu"  # auto: this graph has nothing for CUDA
+    if "cpu" not in kinds:
+        if kind == "cpu":
+            raise UsageError(f"--precision {precision} runs on CUDA only; use --device cuda, or fp32 on the CPU")
+        return "cuda"  # auto: failing to get CUDA is now an error, not a silent CPU run
+    return kind
+
+
+def create_encoder(graphs: dict[str, Path] | Path, device: str = "auto", threads: int | None = None,
+                   precision: str = "fp32") -> Encoder:
+    """A session on CUDA or CPU for the graph of that kind; asking for CUDA and not getting it raises DeviceError.
+
+    graphs maps "cpu" and/or "cuda" to a graph file (a cache entry's Artifact.graphs); one path serves both.
+    """
     import onnxruntime as ort
 
-    kind, index = parse_device(device)
+    if isinstance(graphs, Path):
+        graphs = {"cpu": graphs, "cuda": graphs}
+    asked, index = parse_device(device)
+    kind = resolve_kind(graphs, device, precision)
     if kind in ("cuda", "auto"):
-        available = ort.get_available_providers()
-        driver = _driver_missing()
-        if driver:
-            reason = driver
-        elif CUDA in available:
+        reason = cuda_problem()
+        if reason is None:
             _preload_cuda_libraries(ort)
-            session = _session(ort, graph, [_cuda_provider(index), CPU], threads)
+            session = _session(ort, graphs["cuda"], [_cuda_provider(index), CPU], threads)
             if session.get_providers()[0] == CUDA:
                 logger.info("running on CUDA device %d", index)
                 return _encoder(session, CUDA, f"cuda:{index}")
@@ -97,12 +126,11 @@ def create_encoder(graph: Path, device: str = "auto", threads: int | None = None
                 "onnxruntime's CUDA provider did not load (it needs an NVIDIA driver, CUDA 13 and cuDNN 9 "
                 "libraries on the library path; onnxruntime logged the details above)"
             )
-        else:
-            reason = f"this onnxruntime build has no CUDA provider (it has: {', '.join(available)}); install onnxruntime-gpu"
         if kind == "cuda":
-            raise DeviceError(f"--device {device}: {reason}")
+            why = f"--device {device}" if asked == "cuda" else f"--precision {precision} needs CUDA"
+            raise DeviceError(f"{why}: {reason}")
         logger.info("device auto: CUDA unavailable, running on CPU (%s)", reason)
-    session = _session(ort, graph, [CPU], threads)
+    session = _session(ort, graphs["cpu"], [CPU], threads)
     return _encoder(session, CPU, "cpu")
 
 

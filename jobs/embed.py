@@ -41,7 +41,7 @@ def add_model_options(p: argparse.ArgumentParser, threads_default: str = "one pe
     p.add_argument("--text-col", default="text", help="column holding the text (default: text)")
     p.add_argument("--keep-cols", help="comma-separated columns to carry to the output (default: all but the text column; '' for none)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (auto takes CUDA only if it really loads)")
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="graph precision (default fp32)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="graph precision: fp32 (default), int8 (CPU only) or fp16 (CUDA only)")
     p.add_argument("--pooling", help="override the model's pooling (cls, mean, max, ..., or pooler: the model's pooler_output)")
     p.add_argument("--max-seq-len", type=int, help="truncate texts to this many tokens (default and maximum: the model's)")
     p.add_argument("--max-tokens", type=int, help="padded-token budget per batch: rows x longest row (default: 2048 on CPU, 16384 on CUDA)")

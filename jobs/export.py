@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
         "or pooler (the model's pooler_output, a different vector from sentence-transformers'); join with +",
     )
     parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                        help="fp32, or int8 for the CPU (gated: min cosine 0.99 against fp32 on real text, or refused)")
+                        help="fp32; int8 for the CPU or fp16 for CUDA, each gated against fp32 on real text "
+                             "(min cosine 0.99 and 0.999) or refused")
     parser.add_argument("--no-normalize", action="store_true", help="do not L2-normalize the output vectors")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     return parser

@@ -46,7 +46,7 @@ def main() -> int:
         texts = [t for t in pq.read_table(corpus, columns=["text"]).column("text").to_pylist() if t is not None]
     artifact = get_or_export(load_spec(None), ExportOptions(), default_cache_dir())
     tokens = TextTokenizer(artifact.tokenizer_path, artifact.manifest["max_seq_length"]).encode(texts)
-    encoder = create_encoder(artifact.graph_path, "cpu", args.threads)
+    encoder = create_encoder(artifact.graphs, "cpu", args.threads)
     pad_id = artifact.manifest["pad_token_id"]
     budgets = [int(b) for b in args.budgets.split(",")]
     plans = {b: [pad_batch(tokens.ids, tokens.offsets, rows, pad_id)

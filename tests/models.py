@@ -452,8 +452,10 @@ def fake_hub_snapshot(cache: Path, repo_id: str, source: Path, sha: str, ref: bo
 # Encoding, the way the job does it, and reference encoding
 
 
-def onnx_vectors(artifact, texts: list[str], max_tokens: int = 256, max_batch_size: int = 4) -> np.ndarray:
-    """Vectors from the cached graph: TextTokenizer -> plan_batches -> pad_batch -> Encoder, in input order."""
+def onnx_vectors(artifact, texts: list[str], max_tokens: int = 256, max_batch_size: int = 4,
+                 graph: str = "cpu") -> np.ndarray:
+    """Vectors from the cache entry's graph for `graph` ("cpu" or "cuda"), run on the CPU provider:
+    TextTokenizer -> plan_batches -> pad_batch -> Encoder, in input order."""
     from embedder.batching import pad_batch, plan_batches
     from embedder.runtime import create_encoder
     from embedder.tokenize import TextTokenizer, resolve_prompt
@@ -461,7 +463,7 @@ def onnx_vectors(artifact, texts: list[str], max_tokens: int = 256, max_batch_si
     manifest = artifact.manifest
     prompt = resolve_prompt(None, manifest["prompts"], manifest["default_prompt_name"])
     window = TextTokenizer(artifact.tokenizer_path, manifest["max_seq_length"], prompt).encode(texts)
-    encoder = create_encoder(artifact.graph_path, device="cpu")
+    encoder = create_encoder({"cpu": artifact.graphs[graph]}, device="cpu")
     vectors = np.full((len(texts), manifest["dim"]), np.nan, dtype=np.float32)
     for rows in plan_batches(window.lengths, max_tokens, max_batch_size):
         batch = pad_batch(window.ids, window.offsets, rows, manifest["pad_token_id"])

@@ -111,7 +111,8 @@ def test_manifest_records_validation_figures_and_file_hashes(model_zoo, exported
     assert MIN_COSINE <= validation["min_cosine"] <= 1 + 1e-6
     assert validation["thresholds"] == {"max_abs_diff": MAX_ABS_DIFF, "min_cosine": MIN_COSINE}
     assert validation["batch_size"] == len(validation["lengths"]) >= 3
-    assert sorted(manifest["files"]) == ["model.onnx", "tokenizer.json"]
+    assert sorted(manifest["files"]) == sorted({*manifest["graphs"].values(), "tokenizer.json"})
+    assert "model.onnx" in manifest["files"]
     assert all(len(digest) == 64 for digest in manifest["files"].values())
     assert_entry_valid(artifact)
     spec = load_spec(model_zoo.model_arg(family))
@@ -126,6 +127,9 @@ CORRUPTIONS = {
         (folder / "model.onnx").read_bytes()[: (folder / "model.onnx").stat().st_size // 2]
     ),
     "missing tokenizer": lambda folder: (folder / "tokenizer.json").unlink(),
+    "altered CUDA graph": lambda folder: (folder / "model.cuda.onnx").write_bytes(
+        (folder / "model.cuda.onnx").read_bytes()[:-1] + b"\0"
+    ),
     "garbage manifest": lambda folder: (folder / MANIFEST_FILE).write_text("{not json"),
 }
 

@@ -35,9 +35,26 @@ DEFAULT_MODEL_LENGTHS = (1, 2, 3, 17, 64, 128, 255, 256)
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_onnx_vectors_equal_sentence_transformers_encode(model_zoo, exported, family):
+    """Both graphs of an entry: the plain one the CPU runs and the fused one CUDA runs (here on the CPU)."""
     artifact = exported(family)
     want = reference_vectors(model_zoo.path(family), TEXTS)
-    assert_vectors_match(onnx_vectors(artifact, TEXTS), want)
+    assert set(artifact.graphs) == {"cpu", "cuda"}
+    for graph in ("cpu", "cuda"):
+        assert_vectors_match(onnx_vectors(artifact, TEXTS, graph=graph), want)
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "default"])
+def test_cpu_gets_the_plain_graph_and_cuda_the_fused_one(exported, family):
+    """Offline Attention fusion pays on CUDA, not at the CPU's batch sizes (scripts/bench_graphs.py)."""
+    import onnx
+
+    artifact = exported(family)
+    ops = {kind: {n.op_type for n in onnx.load(str(path)).graph.node} for kind, path in artifact.graphs.items()}
+    assert artifact.manifest["optimization"]["applied"]
+    assert "Attention" in ops["cuda"] and "SkipLayerNormalization" in ops["cuda"]
+    assert "Attention" not in ops["cpu"] and "Softmax" in ops["cpu"]
+    assert artifact.graphs["cpu"] == artifact.graph_path != artifact.graphs["cuda"]
+    assert set(artifact.manifest["files"]) == {"model.onnx", "model.cuda.onnx", "tokenizer.json"}
 
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)

@@ -1,0 +1,80 @@
+"""Which graph each provider gets: the plain export against the offline-fused one, on the CPU.
+
+    python scripts/bench_graphs.py --rows 3000
+
+A fp32 cache entry holds two graphs: model.onnx (the plain export, left to onnxruntime's session
+optimizer) and model.cuda.onnx (Attention, EmbedLayerNorm, SkipLayerNorm and BiasGelu fused
+offline). Both run here on the CPU provider over the same docstring rows at each token budget,
+alternating graphs over --repeats rounds so a slow minute hits both alike. Prints each graph's
+median tokens/s and the median of the per-round ratio fused/plain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=3000)
+    p.add_argument("--budgets", default="2048,16384")
+    p.add_argument("--repeats", type=int, default=6)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+
+    from embedder import ExportOptions, get_or_export, load_spec
+    from embedder.batching import pad_batch, plan_batches
+    from embedder.config import default_cache_dir
+    from embedder.runtime import create_encoder
+    from embedder.tokenize import TextTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="embedder-graphs-") as tmp:
+        corpus = Path(tmp) / "corpus.parquet"
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_corpus.py"), "--out", str(corpus),
+                        "--rows", str(args.rows)], check=True, capture_output=True)
+        texts = [t for t in pq.read_table(corpus, columns=["text"]).column("text").to_pylist() if t is not None]
+    artifact = get_or_export(load_spec(None), ExportOptions(), default_cache_dir())
+    graphs = {"plain": artifact.graphs["cpu"], "fused": artifact.graphs["cuda"]}
+    if graphs["plain"] == graphs["fused"]:
+        sys.exit("this cache entry has one graph only (the fusion did not validate): nothing to compare")
+    tokens = TextTokenizer(artifact.tokenizer_path, artifact.manifest["max_seq_length"]).encode(texts)
+    encoders = {name: create_encoder({"cpu": path}, "cpu", args.threads) for name, path in graphs.items()}
+    pad_id = artifact.manifest["pad_token_id"]
+    real = int(tokens.lengths.sum())
+    for budget in (int(b) for b in args.budgets.split(",")):
+        batches = [pad_batch(tokens.ids, tokens.offsets, rows, pad_id)
+                   for rows in plan_batches(tokens.lengths, budget, 256)]
+        rates: dict[str, list[float]] = {name: [] for name in encoders}
+        for name, encoder in encoders.items():  # warm-up: first-run allocations are not the steady state
+            encoder(batches[0].input_ids, batches[0].attention_mask)
+        for _ in range(args.repeats):
+            for name, encoder in encoders.items():
+                started = time.perf_counter()
+                for batch in batches:
+                    encoder(batch.input_ids, batch.attention_mask)
+                rates[name].append(real / (time.perf_counter() - started))
+        ratio = np.array(rates["fused"]) / np.array(rates["plain"])
+        print(json.dumps({
+            "max_tokens": budget,
+            "plain_tokens_per_second": round(float(np.median(rates["plain"]))),
+            "fused_tokens_per_second": round(float(np.median(rates["fused"]))),
+            "fused_over_plain": round(float(np.median(ratio)), 3),
+            "rows": len(texts), "threads": args.threads, "repeats": args.repeats,
+        }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
