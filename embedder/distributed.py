@@ -97,7 +97,8 @@ def run(config: JobConfig, options: RayOptions) -> dict:
         artifact = get_or_export(spec, config.export, config.cache_dir or default_cache_dir())
         tokenizer = make_tokenizer(artifact, config.max_seq_len, config.prompt)  # checks --max-seq-len, --prompt
     metrics.cache_hit = artifact.hit
-    file_metadata = build_file_metadata(artifact, tokenizer)
+    graph = artifact.graphs["cuda" if device.startswith("cuda") else "cpu"]  # the one every actor runs
+    file_metadata = build_file_metadata(artifact, tokenizer, graph)
     schema = output_schema(inputs.keep_schema, artifact.manifest["dim"], file_metadata)
 
     cluster: dict = {}

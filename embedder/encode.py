@@ -16,7 +16,7 @@ from embedder.errors import UnsupportedModelError, UsageError
 from embedder.faults import crash_point
 from embedder.io import EMBEDDING_COLUMN, embedding_array
 from embedder.metrics import Metrics
-from embedder.runtime import Encoder, create_encoder
+from embedder.runtime import CUDA, Encoder, create_encoder
 from embedder.tokenize import TextTokenizer, TokenizedWindow, resolve_prompt
 
 
@@ -56,6 +56,9 @@ class WindowEmbedder:
         if batching.max_tokens is None:
             batching = replace(batching, max_tokens=DEFAULT_MAX_TOKENS.get(self.encoder.provider, 2048))
         self.batching = batching
+        if self.encoder.provider == CUDA:
+            length = self.tokenizer.max_seq_length
+            self.encoder.warm_up(max(1, min(batching.max_batch_size, batching.max_tokens // length)), length)
 
     def embed(self, window: pa.Table, text_col: str, metrics: Metrics, stop=None) -> pa.Table:
         """The window's other columns plus `embedding`; a null text gives a null vector.

@@ -11,6 +11,7 @@ import logging
 import queue
 import signal
 import threading
+from pathlib import Path
 
 import pyarrow as pa
 
@@ -50,7 +51,7 @@ def run(config: JobConfig) -> dict:
     logger.info("model %s (dim %d, max_seq_length %d) on %s", spec.name, artifact.manifest["dim"],
                 embedder.tokenizer.max_seq_length, encoder.device)
 
-    file_metadata = build_file_metadata(artifact, embedder.tokenizer)
+    file_metadata = build_file_metadata(artifact, embedder.tokenizer, encoder.graph)
     schema = output_schema(inputs.keep_schema, artifact.manifest["dim"], file_metadata)
     work = WorkFolder(config.output)
     with work.locked(), _stop_on_signals() as stop:
@@ -179,7 +180,7 @@ def _stop_on_signals():
             signal.signal(sig, handler)
 
 
-def build_file_metadata(artifact: Artifact, tokenizer: TextTokenizer) -> dict:
+def build_file_metadata(artifact: Artifact, tokenizer: TextTokenizer, graph: Path) -> dict:
     """What the output file records about how its vectors were made."""
     manifest = artifact.manifest
     return {
@@ -192,7 +193,7 @@ def build_file_metadata(artifact: Artifact, tokenizer: TextTokenizer) -> dict:
         "max_seq_length": tokenizer.max_seq_length,
         "prompt": tokenizer.prompt,
         "precision": manifest["precision"],
-        "graph_sha256": manifest["files"]["model.onnx"],
+        "graph_sha256": manifest["files"][graph.name],  # the graph that ran: CPU and CUDA have their own
         "embedder_version": __version__,
     }
 

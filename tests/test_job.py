@@ -99,12 +99,18 @@ def test_vectors_equal_sentence_transformers_rows_in_order(embedded, mixed_corpu
     assert (got * want).sum(axis=1).min() >= 0.99999
 
 
-def test_output_metadata_describes_the_run(embedded):
+def test_output_metadata_describes_the_run(embedded, job_cache):
     table, _ = embedded
     meta = json.loads(table.schema.metadata[b"embedder"])
     assert meta["dim"] == 384 and meta["pooling"] == ["mean"] and meta["normalize"] is True
     assert meta["max_seq_length"] == 256 and meta["precision"] == "fp32"
-    assert len(meta["model_hash"]) == 64 and len(meta["graph_sha256"]) == 64
+    assert len(meta["model_hash"]) == 64
+    # The graph that ran: on the CPU the plain one, not the entry's fused CUDA graph.
+    manifests = [json.loads(f.read_text()) for f in job_cache.glob("*/*/manifest.json")]
+    [manifest] = [m for m in manifests if m["model_hash"] == meta["model_hash"] and m["precision"] == "fp32"
+                  and m["pooling"] == ["mean"]]
+    assert meta["graph_sha256"] == manifest["files"][manifest["graphs"]["cpu"]]
+    assert meta["graph_sha256"] != manifest["files"][manifest["graphs"]["cuda"]]
 
 
 def test_metrics_agree_with_the_data(embedded, mixed_corpus):

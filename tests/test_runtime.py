@@ -35,3 +35,32 @@ def test_a_device_the_precision_cannot_use_is_refused_when_the_job_is_configured
     with pytest.raises(UsageError, match=message):
         JobConfig(inputs="in.parquet", output=tmp_path / "out.parquet", device=device,
                   export=ExportOptions(precision=precision))
+
+
+@pytest.mark.slow
+def test_cuda_runs_warm_up_once_at_the_largest_batch_shape(exported, monkeypatch):
+    """Without a GPU here: a CPU session labelled CUDA shows what WindowEmbedder asks of it."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    import embedder.encode as encode
+    from embedder.runtime import CUDA, create_encoder
+
+    artifact = exported("default")
+    shapes = []
+    real_create = create_encoder
+
+    def labelled_cuda(graphs, device, threads, precision):
+        encoder = replace(real_create(graphs, "cpu", threads, precision), provider=CUDA, device="cuda:0")
+        original = encoder.warm_up
+        encoder.warm_up = lambda rows, length: (shapes.append((rows, length)), original(rows, length))
+        return encoder
+
+    monkeypatch.setattr(encode, "create_encoder", labelled_cuda)
+    embedder = encode.WindowEmbedder(artifact, "cpu")
+    # 16384 tokens on CUDA at max_seq_length 256: 64 rows of 256 tokens, the biggest batch plan_batches makes.
+    assert embedder.batching.max_tokens == 16384 and shapes == [(64, 256)]
+    ids = np.array([[101, 7592, 102]], dtype=np.int64)
+    fresh = real_create(artifact.graphs, "cpu")
+    np.testing.assert_array_equal(embedder.encoder(ids, np.ones_like(ids)), fresh(ids, np.ones_like(ids)))
