@@ -1,10 +1,11 @@
-"""Which graph each provider gets: the plain export against the offline-fused one, on the CPU.
+"""Which graph each provider gets: the plain export against the offline-fused one.
 
     python scripts/bench_graphs.py --rows 3000
+    python scripts/bench_graphs.py --device cuda --budgets 16384,65536     # on a GPU host
 
 A fp32 cache entry holds two graphs: model.onnx (the plain export, left to onnxruntime's session
 optimizer) and model.cuda.onnx (Attention, EmbedLayerNorm, SkipLayerNorm and BiasGelu fused
-offline). Both run here on the CPU provider over the same docstring rows at each token budget,
+offline). Both run on --device (default cpu) over the same docstring rows at each token budget,
 alternating graphs over --repeats rounds so a slow minute hits both alike. Prints each graph's
 median tokens/s and the median of the per-round ratio fused/plain.
 """
@@ -32,6 +33,7 @@ def main() -> int:
     p.add_argument("--budgets", default="2048,16384")
     p.add_argument("--repeats", type=int, default=6)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where both graphs run")
     args = p.parse_args()
 
     from embedder import ExportOptions, get_or_export, load_spec
@@ -50,7 +52,7 @@ def main() -> int:
     if graphs["plain"] == graphs["fused"]:
         sys.exit("this cache entry has one graph only (the fusion did not validate): nothing to compare")
     tokens = TextTokenizer(artifact.tokenizer_path, artifact.manifest["max_seq_length"]).encode(texts)
-    encoders = {name: create_encoder({"cpu": path}, "cpu", args.threads) for name, path in graphs.items()}
+    encoders = {name: create_encoder(path, args.device, args.threads) for name, path in graphs.items()}
     pad_id = artifact.manifest["pad_token_id"]
     real = int(tokens.lengths.sum())
     for budget in (int(b) for b in args.budgets.split(",")):
@@ -72,6 +74,7 @@ def main() -> int:
             "fused_tokens_per_second": round(float(np.median(rates["fused"]))),
             "fused_over_plain": round(float(np.median(ratio)), 3),
             "rows": len(texts), "threads": args.threads, "repeats": args.repeats,
+            "device": encoders["plain"].device,
         }))
     return 0
 
