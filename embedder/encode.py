@@ -20,10 +20,10 @@ from embedder.runtime import CUDA, Encoder, create_encoder
 from embedder.tokenize import TextTokenizer, TokenizedWindow, resolve_prompt
 
 
-# Padded tokens per batch when none is asked for. On the CPU 2048-token batches ran at 1.18x the
-# rate of 16384 (scripts/bench_batching.py, 4,000 docstring rows, 2 cores): they stay in cache and
-# pad less; 1024 gained only 3% more. A GPU wants large batches to fill its cores; 16384 is a
-# starting point, not a measurement.
+# Padded tokens per batch when none is asked for. On the CPU 2048-token batches ran at 1.35x the
+# rate of 16384 and ahead of 1024 (scripts/bench_batching.py, 4,000 docstring rows, 2 cores, the plain
+# CPU graph): they stay in cache and pad less. A GPU wants large batches to fill its cores; 16384 is a
+# starting point, not a measurement (scripts/bench_gpu.py sweeps it).
 DEFAULT_MAX_TOKENS = {"CPUExecutionProvider": 2048, "CUDAExecutionProvider": 16384}
 
 
