@@ -53,8 +53,12 @@ def quantize_int8(graph_path: Path, embed: Callable[[Path], np.ndarray], min_cos
 
     try:
         errors = {}
-        for node in candidates:
+        logger.info("int8: measuring each of %d MatMuls quantized alone on %d gate texts (a few seconds each)",
+                    len(candidates), len(reference))
+        for done, node in enumerate(candidates, 1):
             errors[node] = float(1 - row_cosines(quantized([node]), reference).min())
+            if done % 10 == 0:
+                logger.info("int8: %d of %d MatMuls measured", done, len(candidates))
         ranked = sorted(candidates, key=lambda n: errors[n], reverse=True)
         budget = (1 - min_cosine) * _BUDGET_FRACTION
         excluded: list[str] = []
