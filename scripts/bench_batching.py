@@ -12,17 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def main() -> int:
@@ -33,24 +26,14 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
 
-    from embedder import ExportOptions, get_or_export, load_spec
-    from embedder.batching import pad_batch, plan_batches
-    from embedder.config import default_cache_dir
-    from embedder.runtime import create_encoder
-    from embedder.tokenize import TextTokenizer
+    from bench_common import default_model_rows, padded_batches
 
-    with tempfile.TemporaryDirectory(prefix="embedder-batching-") as tmp:
-        corpus = Path(tmp) / "corpus.parquet"
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_corpus.py"), "--out", str(corpus),
-                        "--rows", str(args.rows)], check=True, capture_output=True)
-        texts = [t for t in pq.read_table(corpus, columns=["text"]).column("text").to_pylist() if t is not None]
-    artifact = get_or_export(load_spec(None), ExportOptions(), default_cache_dir())
-    tokens = TextTokenizer(artifact.tokenizer_path, artifact.manifest["max_seq_length"]).encode(texts)
+    from embedder.runtime import create_encoder
+
+    artifact, tokens = default_model_rows(args.rows)
     encoder = create_encoder(artifact.graphs, "cpu", args.threads)
-    pad_id = artifact.manifest["pad_token_id"]
     budgets = [int(b) for b in args.budgets.split(",")]
-    plans = {b: [pad_batch(tokens.ids, tokens.offsets, rows, pad_id)
-                 for rows in plan_batches(tokens.lengths, b, 256)] for b in budgets}
+    plans = {b: padded_batches(artifact, tokens, b) for b in budgets}
     rates: dict[int, list[float]] = {b: [] for b in budgets}
     real = int(tokens.lengths.sum())
     for _ in range(args.repeats):
@@ -66,7 +49,7 @@ def main() -> int:
             "max_tokens": budget, "tokens_per_second": round(median),
             "padding_efficiency": round(real / sum(b.padded_tokens for b in plans[budget]), 4),
             "ratio_to_16384": round(median / base, 3) if base else None,
-            "rows": len(texts), "threads": args.threads,
+            "rows": len(tokens.lengths), "threads": args.threads,
         }))
     return 0
 

@@ -14,17 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def main() -> int:
@@ -36,28 +29,18 @@ def main() -> int:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where both graphs run")
     args = p.parse_args()
 
-    from embedder import ExportOptions, get_or_export, load_spec
-    from embedder.batching import pad_batch, plan_batches
-    from embedder.config import default_cache_dir
-    from embedder.runtime import create_encoder
-    from embedder.tokenize import TextTokenizer
+    from bench_common import default_model_rows, padded_batches
 
-    with tempfile.TemporaryDirectory(prefix="embedder-graphs-") as tmp:
-        corpus = Path(tmp) / "corpus.parquet"
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_corpus.py"), "--out", str(corpus),
-                        "--rows", str(args.rows)], check=True, capture_output=True)
-        texts = [t for t in pq.read_table(corpus, columns=["text"]).column("text").to_pylist() if t is not None]
-    artifact = get_or_export(load_spec(None), ExportOptions(), default_cache_dir())
+    from embedder.runtime import create_encoder
+
+    artifact, tokens = default_model_rows(args.rows)
     graphs = {"plain": artifact.graphs["cpu"], "fused": artifact.graphs["cuda"]}
     if graphs["plain"] == graphs["fused"]:
         sys.exit("this cache entry has one graph only (the fusion did not validate): nothing to compare")
-    tokens = TextTokenizer(artifact.tokenizer_path, artifact.manifest["max_seq_length"]).encode(texts)
     encoders = {name: create_encoder(path, args.device, args.threads) for name, path in graphs.items()}
-    pad_id = artifact.manifest["pad_token_id"]
     real = int(tokens.lengths.sum())
     for budget in (int(b) for b in args.budgets.split(",")):
-        batches = [pad_batch(tokens.ids, tokens.offsets, rows, pad_id)
-                   for rows in plan_batches(tokens.lengths, budget, 256)]
+        batches = padded_batches(artifact, tokens, budget)
         rates: dict[str, list[float]] = {name: [] for name in encoders}
         for name, encoder in encoders.items():  # warm-up: first-run allocations are not the steady state
             encoder(batches[0].input_ids, batches[0].attention_mask)
@@ -73,7 +56,7 @@ def main() -> int:
             "plain_tokens_per_second": round(float(np.median(rates["plain"]))),
             "fused_tokens_per_second": round(float(np.median(rates["fused"]))),
             "fused_over_plain": round(float(np.median(ratio)), 3),
-            "rows": len(texts), "threads": args.threads, "repeats": args.repeats,
+            "rows": len(tokens.lengths), "threads": args.threads, "repeats": args.repeats,
             "device": encoders["plain"].device,
         }))
     return 0
