@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embedder import errors
-from embedder.cache import Artifact, get_or_export
+from embedder.cache import TOKENIZER_FILE, Artifact, get_or_export
 from embedder.config import PRECISIONS, JobConfig, default_cache_dir
 from embedder.encode import BatchingOptions, make_tokenizer
 from embedder.errors import EmbedderError, InputError, Interrupted, OutputError, OutputExistsError, UsageError
@@ -71,6 +71,11 @@ class RayOptions:
             raise UsageError(f"--max-retries must be 0 or more, got {self.max_retries}")
 
 
+# On Ray the device follows --gpus-per-worker, so a precision/device mismatch is fixed there.
+_RAY_ADVICE = {"cpu": "drop --gpus-per-worker, or use fp32 on GPU actors",
+               "cuda": "give the actors GPUs with --gpus-per-worker, or use fp32 on CPU actors"}
+
+
 def actor_device(device: str, gpus_per_worker: float) -> str:
     """The device every actor uses: Ray hands out the GPUs, so the device follows --gpus-per-worker."""
     if gpus_per_worker > 0:
@@ -88,7 +93,8 @@ def run(config: JobConfig, options: RayOptions) -> dict:
     check_output(config.output, config.overwrite, folder=True)
     inputs = open_inputs(config.inputs, config.text_col, list(config.keep_cols) if config.keep_cols is not None else None)
     device = actor_device(config.device, options.gpus_per_worker)
-    resolve_kind(PRECISIONS[config.export.precision], device, config.export.precision)  # fp16 needs GPUs, int8 none
+    kind = resolve_kind(PRECISIONS[config.export.precision], "cpu" if device == "cpu" else "cuda",
+                        config.export.precision, _RAY_ADVICE)
     ray = _import_ray()  # before the model: a missing extra should not wait for an export
     logger.info("input: %d files, %d row groups, %d rows", len(inputs.files), len(inputs.units), inputs.total_rows)
 
@@ -97,8 +103,7 @@ def run(config: JobConfig, options: RayOptions) -> dict:
         artifact = get_or_export(spec, config.export, config.cache_dir or default_cache_dir())
         tokenizer = make_tokenizer(artifact, config.max_seq_len, config.prompt)  # checks --max-seq-len, --prompt
     metrics.cache_hit = artifact.hit
-    graph = artifact.graphs["cuda" if device.startswith("cuda") else "cpu"]  # the one every actor runs
-    file_metadata = build_file_metadata(artifact, tokenizer, graph)
+    file_metadata = build_file_metadata(artifact, tokenizer, artifact.graphs[kind])  # the graph every actor runs
     schema = output_schema(inputs.keep_schema, artifact.manifest["dim"], file_metadata)
 
     cluster: dict = {}
@@ -117,7 +122,8 @@ def run(config: JobConfig, options: RayOptions) -> dict:
                     prompt=config.prompt, batching=BatchingOptions(config.max_tokens, config.max_batch_size),
                     window_rows=config.window_rows,
                 )
-                results = _execute(ray, inputs, _graph_source(ray, artifact, transfer), worker, options, config)
+                source = _graph_source(ray, artifact, kind, transfer)
+                results = _execute(ray, inputs, source, worker, options, config)
         rows = sum(r["rows"] for r in results)
         if rows != inputs.total_rows:
             raise OutputError(f"the Ray job returned {rows} rows for {inputs.total_rows} input rows; OUT not written")
@@ -184,12 +190,19 @@ def _check_cluster(ray, options: RayOptions, local: bool) -> str:
     return "path" if len(_alive_nodes(ray)) == 1 and not remote_client else "object-store"
 
 
-def _graph_source(ray, artifact: Artifact, transfer: str) -> GraphSource:
+def _graph_source(ray, artifact: Artifact, kind: str, transfer: str) -> GraphSource:
+    """What the actors load: the manifest narrowed to the one graph they run and the tokenizer, so
+    only those are shipped and hashed."""
+    manifest = artifact.manifest
+    graph = manifest["graphs"][kind]
+    needed = {graph, TOKENIZER_FILE}
+    manifest = {**manifest, "graphs": {kind: graph},
+                "files": {name: digest for name, digest in manifest["files"].items() if name in needed}}
     if transfer == "path":
-        return GraphSource(artifact.manifest, folder=str(artifact.folder.resolve()))
-    files = {name: (artifact.folder / name).read_bytes() for name in artifact.manifest["files"]}
+        return GraphSource(manifest, folder=str(artifact.folder.resolve()))
+    files = {name: (artifact.folder / name).read_bytes() for name in manifest["files"]}
     logger.info("graph shipped through the object store (%.1f MB)", sum(map(len, files.values())) / 1e6)
-    return GraphSource(artifact.manifest, files_ref=ray.put(files))
+    return GraphSource(manifest, files_ref=ray.put(files))
 
 
 def _execute(ray, inputs: InputSet, graph: GraphSource, worker: WorkerOptions, options: RayOptions,

@@ -184,7 +184,8 @@ def _encode(backend, texts: list[str], max_len: int, pad_id: int):
 
 
 def export_graph(spec: ModelSpec, options: ExportOptions, out_dir: Path) -> dict:
-    """Write model.onnx and tokenizer.json into out_dir, validate them, return manifest fields."""
+    """Write the entry's graphs (model.onnx, model.cuda.onnx where fused) and tokenizer.json into out_dir,
+    validate them, return manifest fields; `graphs` in them names the file for each device kind."""
     torch, transformers = _require_torch()
     import numpy as np
 
@@ -258,7 +259,7 @@ def export_graph(spec: ModelSpec, options: ExportOptions, out_dir: Path) -> dict
     if options.precision == "int8":
         from embedder.quantize import quantize_int8
 
-        quantization = quantize_int8(graph_path, lambda path: gate_vectors(path, ["CPUExecutionProvider"]))
+        quantization = quantize_int8(graph_path, lambda path: gate_vectors(path, ["CPUExecutionProvider"])[0])
         graphs = {"cpu": GRAPH_FILE}
     elif options.precision == "fp16":
         from embedder.half import convert_fp16
@@ -325,11 +326,16 @@ def _batches_of(texts: list[str], backend, spec: ModelSpec, pad_id: int, input_n
 
 
 def _run_graph(graph_path: Path, feeds: list[dict], providers: list[str]):
+    """(vectors for the feeds, the provider that really ran them: onnxruntime may fall back to the CPU)."""
     import numpy as np
     import onnxruntime as ort
 
+    from embedder.runtime import CUDA, preload_cuda_libraries
+
+    if CUDA in providers:
+        preload_cuda_libraries(ort)
     session = ort.InferenceSession(str(graph_path), providers=providers)
-    return np.concatenate([session.run([OUTPUT_NAME], f)[0] for f in feeds])
+    return np.concatenate([session.run([OUTPUT_NAME], f)[0] for f in feeds]), session.get_providers()[0]
 
 
 def _fix_output_dim(graph_path: Path, dim: int) -> None:

@@ -50,13 +50,13 @@ def _drop_duplicate_nodes(graph) -> None:
     graph.node.extend(unique)
 
 
-def convert_fp16(source: Path, target: Path, embed: Callable[[Path, list[str]], np.ndarray],
+def convert_fp16(source: Path, target: Path, embed: Callable[[Path, list[str]], tuple[np.ndarray, str]],
                  min_cosine: float | None = None) -> dict:
     """Write the fp16 version of source to target if it passes the gate; return the manifest figures.
 
-    embed(path, providers) runs a graph on the gate texts. The gate runs on CUDA where it works here,
-    else on the CPU, where onnxruntime computes some fp16 nodes in fp32: the manifest says which.
-    min_cosine defaults to MIN_COSINE.
+    embed(path, providers) runs a graph on the gate texts and returns (vectors, the provider that ran).
+    The gate runs on CUDA where it works here, else on the CPU, where onnxruntime computes some fp16
+    nodes in fp32: the manifest says which. min_cosine defaults to MIN_COSINE.
     """
     min_cosine = MIN_COSINE if min_cosine is None else min_cosine
     import onnx
@@ -73,8 +73,9 @@ def convert_fp16(source: Path, target: Path, embed: Callable[[Path, list[str]], 
         model.save_model_to_file(str(trial))
         onnx.checker.check_model(str(trial))
         providers = [CPU] if cuda_problem() else [CUDA, CPU]
-        reference = embed(source, [CPU])
-        cosines = row_cosines(embed(trial, providers), reference)
+        reference, _ = embed(source, [CPU])
+        candidate, provider = embed(trial, providers)
+        cosines = row_cosines(candidate, reference)
         if cosines.min() < min_cosine:
             raise ExportError(f"fp16 graph fails its gate: min cosine {cosines.min():.5f} against fp32 on "
                               f"{len(cosines)} texts (limit {min_cosine}); use --precision fp32")
@@ -89,8 +90,8 @@ def convert_fp16(source: Path, target: Path, embed: Callable[[Path, list[str]], 
         "method": "onnxruntime float16 conversion; pooling, Dense and normalize nodes kept fp32",
         "fp32_nodes": kept,
         "gate": {"texts": len(cosines), "min_cosine": float(cosines.min()), "mean_cosine": float(cosines.mean()),
-                 "threshold": min_cosine, "against": "the fp32 graph", "provider": providers[0]},
+                 "threshold": min_cosine, "against": "the fp32 graph", "provider": provider},
     }
-    logger.info("fp16: gate min cosine %.6f on %s (%d nodes kept fp32)", cosines.min(), providers[0], len(kept))
+    logger.info("fp16: gate min cosine %.6f on %s (%d nodes kept fp32)", cosines.min(), provider, len(kept))
     return figures
 

@@ -119,7 +119,7 @@ class EmbedActor:
         context = ray.get_runtime_context()
         self.worker = context.get_actor_id() or f"pid-{os.getpid()}"
         self.node = context.get_node_id()
-        logger.info("actor %s: %s on %s", self.worker, artifact.graph_path, self.embedder.encoder.device)
+        logger.info("actor %s: %s on %s", self.worker, self.embedder.encoder.graph, self.embedder.encoder.device)
 
     def __call__(self, block: pa.Table) -> pa.Table:
         started = time.perf_counter()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,7 +88,7 @@ def cuda_problem() -> str | None:
     return _driver_missing()
 
 
-def _preload_cuda_libraries(ort) -> None:
+def preload_cuda_libraries(ort) -> None:
     """Load CUDA and cuDNN from the nvidia-* pip wheels (onnxruntime-gpu[cuda,cudnn]) when installed."""
     preload = getattr(ort, "preload_dlls", None)
     if preload is not None:
@@ -97,22 +98,27 @@ def _preload_cuda_libraries(ort) -> None:
             logger.debug("onnxruntime.preload_dlls: %s", e)
 
 
-def resolve_kind(kinds, device: str, precision: str) -> str:
-    """What to try for --device (cpu, cuda or auto) when graphs exist only for these device kinds."""
+_ADVICE = {"cpu": "use --device cpu, or another precision on CUDA", "cuda": "use --device cuda, or fp32 on the CPU"}
+
+
+def resolve_kind(kinds, device: str, precision: str, advice: dict[str, str] = _ADVICE) -> str:
+    """What to try for --device (cpu, cuda or auto) when graphs exist only for these device kinds.
+
+    advice["cpu"] and advice["cuda"] finish the error for a precision that runs only there.
+    """
     kind, _ = parse_device(device)
     if "cuda" not in kinds:
         if kind == "cuda":
-            raise UsageError(f"--precision {precision} runs on the CPU provider only; use --device cpu, "
-                             "or another precision on CUDA")
+            raise UsageError(f"--precision {precision} runs on the CPU provider only; {advice['cpu']}")
         return "cpu"  # auto: this graph has nothing for CUDA
     if "cpu" not in kinds:
         if kind == "cpu":
-            raise UsageError(f"--precision {precision} runs on CUDA only; use --device cuda, or fp32 on the CPU")
+            raise UsageError(f"--precision {precision} runs on CUDA only; {advice['cuda']}")
         return "cuda"  # auto: failing to get CUDA is now an error, not a silent CPU run
     return kind
 
 
-def create_encoder(graphs: dict[str, Path] | Path, device: str = "auto", threads: int | None = None,
+def create_encoder(graphs: dict[str, Path] | str | os.PathLike, device: str = "auto", threads: int | None = None,
                    precision: str = "fp32") -> Encoder:
     """A session on CUDA or CPU for the graph of that kind; asking for CUDA and not getting it raises DeviceError.
 
@@ -120,14 +126,14 @@ def create_encoder(graphs: dict[str, Path] | Path, device: str = "auto", threads
     """
     import onnxruntime as ort
 
-    if isinstance(graphs, Path):
-        graphs = {"cpu": graphs, "cuda": graphs}
+    if isinstance(graphs, (str, os.PathLike)):
+        graphs = {"cpu": Path(graphs), "cuda": Path(graphs)}
     asked, index = parse_device(device)
     kind = resolve_kind(graphs, device, precision)
     if kind in ("cuda", "auto"):
         reason = cuda_problem()
         if reason is None:
-            _preload_cuda_libraries(ort)
+            preload_cuda_libraries(ort)
             session = _session(ort, graphs["cuda"], [_cuda_provider(index), CPU], threads)
             if session.get_providers()[0] == CUDA:
                 logger.info("running on CUDA device %d", index)

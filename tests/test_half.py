@@ -15,6 +15,7 @@ from models import TEXTS, cosines, onnx_vectors
 
 import embedder.half as half
 import embedder.runtime as runtime
+from embedder.runtime import CPU, CUDA
 from embedder import ExportOptions, get_or_export, load_spec
 from embedder.errors import EXIT_RUNTIME, EXIT_USAGE, ExportError
 from embedder.graph import read_graph_info
@@ -41,13 +42,22 @@ def test_fp16_graph_is_half_inside_and_fp32_at_its_edges(fp16_artifact, exported
     fp32_info = read_graph_info(exported("bert").graph_path)
     assert read_graph_info(fp16_artifact.graph_path).inputs == fp32_info.inputs
     assert read_graph_info(fp16_artifact.graph_path).outputs == fp32_info.outputs
-    # This BERT's Dense layer (Gemm) and normalize (ReduceL2) are among the nodes kept fp32.
+    # This BERT's Dense layer (Gemm) and normalize (ReduceL2) are among the nodes kept fp32, and every
+    # tensor they read or write is fp32 in the converted graph (casts sit at the boundary).
     kept = manifest["fp16"]["fp32_nodes"]
     ops = {n.name: n.op_type for n in graph.node}
     assert {"Gemm", "ReduceL2"} <= {ops[name] for name in kept}
+    inferred = onnx.shape_inference.infer_shapes(onnx.load(str(fp16_artifact.graph_path))).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*inferred.value_info, *inferred.input, *inferred.output]}
+    types |= {t.name: t.data_type for t in inferred.initializer}
+    for node in inferred.node:
+        if node.name in kept:
+            used = {types.get(name) for name in [*node.input, *node.output] if name}
+            assert onnx.TensorProto.FLOAT16 not in used and onnx.TensorProto.FLOAT in used, node.name
     gate = manifest["fp16"]["gate"]
     assert gate["min_cosine"] >= gate["threshold"] == 0.999 and gate["texts"] >= 32
-    assert gate["provider"] == "CPUExecutionProvider"  # no GPU here, and the manifest says so
+    # The provider that really ran the gate: the CPU where CUDA cannot run, as here.
+    assert gate["provider"] == (CPU if runtime.cuda_problem() else CUDA)
 
 
 @pytest.mark.parametrize("family", ["bert", "roberta"])  # CLS + Dense + normalize; mean pooling, no normalize

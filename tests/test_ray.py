@@ -164,10 +164,10 @@ def test_bad_input_and_an_existing_output_fail_before_ray_starts(corpus, tmp_pat
     assert "--workers must be at least 1" in capsys.readouterr().err
     # fp16 graphs run on CUDA only: actors without GPUs could not run them.
     assert embed_ray_main(["--in", str(corpus), "--out", str(tmp_path / "o"), "--precision", "fp16"]) == 2
-    assert "fp16 runs on CUDA only" in capsys.readouterr().err
+    assert "fp16 runs on CUDA only; give the actors GPUs with --gpus-per-worker" in capsys.readouterr().err
     assert embed_ray_main(["--in", str(corpus), "--out", str(tmp_path / "o"), "--precision", "int8",
                            "--gpus-per-worker", "1"]) == 2
-    assert "int8 runs on the CPU provider only" in capsys.readouterr().err
+    assert "int8 runs on the CPU provider only; drop --gpus-per-worker" in capsys.readouterr().err
 
 
 def test_the_single_process_job_does_not_import_ray():

@@ -42,8 +42,6 @@ def test_cuda_runs_warm_up_once_at_the_largest_batch_shape(exported, monkeypatch
     """Without a GPU here: a CPU session labelled CUDA shows what WindowEmbedder asks of it."""
     from dataclasses import replace
 
-    import numpy as np
-
     import embedder.encode as encode
     from embedder.runtime import CUDA, create_encoder
 
@@ -61,6 +59,40 @@ def test_cuda_runs_warm_up_once_at_the_largest_batch_shape(exported, monkeypatch
     embedder = encode.WindowEmbedder(artifact, "cpu")
     # 16384 tokens on CUDA at max_seq_length 256: 64 rows of 256 tokens, the biggest batch plan_batches makes.
     assert embedder.batching.max_tokens == 16384 and shapes == [(64, 256)]
-    ids = np.array([[101, 7592, 102]], dtype=np.int64)
-    fresh = real_create(artifact.graphs, "cpu")
-    np.testing.assert_array_equal(embedder.encoder(ids, np.ones_like(ids)), fresh(ids, np.ones_like(ids)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("device", "cuda_loads", "graph", "provider"), [
+    ("cuda", True, "cuda", "CUDAExecutionProvider"),
+    ("auto", True, "cuda", "CUDAExecutionProvider"),
+    ("auto", False, "cpu", "CPUExecutionProvider"),  # CUDA did not load: auto falls back to the CPU graph
+    ("cpu", True, "cpu", "CPUExecutionProvider"),
+])
+def test_each_device_opens_its_own_graph(exported, monkeypatch, device, cuda_loads, graph, provider):
+    """No GPU here: sessions are CPU sessions that report the provider a GPU host would give them."""
+    import embedder.runtime as runtime
+
+    artifact = exported("default")
+    opened = []
+    real_session = runtime._session
+
+    class Reported:
+        def __init__(self, session, providers):
+            self._session, self._providers = session, providers
+
+        def get_providers(self):
+            return self._providers
+
+        def __getattr__(self, name):
+            return getattr(self._session, name)
+
+    def session(ort, path, providers, threads):
+        opened.append(path)
+        asked = [p[0] if isinstance(p, tuple) else p for p in providers]
+        got = asked if cuda_loads else [runtime.CPU]
+        return Reported(real_session(ort, path, [runtime.CPU], threads), got)
+
+    monkeypatch.setattr(runtime, "cuda_problem", lambda: None)
+    monkeypatch.setattr(runtime, "_session", session)
+    encoder = runtime.create_encoder(artifact.graphs, device)
+    assert encoder.provider == provider and encoder.graph == artifact.graphs[graph] == opened[-1]
