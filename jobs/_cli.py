@@ -21,6 +21,20 @@ def setup_logging(level: str) -> None:
     # transformers and huggingface_hub log at INFO/WARNING about things the job already handles.
     for noisy in ("transformers", "huggingface_hub", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_quiet_onnxruntime_tools)
+
+
+def _quiet_onnxruntime_tools(record: logging.LogRecord) -> bool:
+    """Drop what onnxruntime's offline optimizer and quantizer say below ERROR.
+
+    They log each fusion, each pass and, through the root logger, a pre-processing hint once per
+    quantized trial: dozens of lines per export. The export logs and records the outcome itself
+    (fused operators, kept nodes, gate figures in the manifest).
+    """
+    path = record.pathname.replace("\\", "/")
+    tool = "/onnxruntime/transformers/" in path or "/onnxruntime/quantization/" in path
+    return record.levelno >= logging.ERROR or not tool
 
 
 def run_job(prog: str, args, produce_metrics: Callable[[], dict]) -> int:
