@@ -39,6 +39,9 @@ class Encoder:
     graph: Path  # the file the session runs (an entry has one per device kind)
 
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        # Plain session.run, also on CUDA: what crosses to the device per batch is two int64 id arrays
+        # and what comes back is batch x dim floats, small next to the encoder's work. IO binding waits
+        # until scripts/bench_gpu.py shows those copies matter.
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
         if "token_type_ids" in self.input_names:
             feeds["token_type_ids"] = np.zeros_like(input_ids)

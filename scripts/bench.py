@@ -186,7 +186,10 @@ def main() -> int:
         results.append(result)
     machine = {"platform": platform.platform(), "processor": _cpu_name(), "cores": os.cpu_count(), "isa": _isa(),
                "threads": args.threads, "matmul_gflops": limit / 1e9}
-    summary = {"machine": machine, "rows": len(texts), "mean_tokens": float(lengths.mean()),
+    software = {name: _version(name) for name in ("onnxruntime-gpu", "torch", "transformers", "sentence-transformers")}
+    software["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                        text=True).stdout.strip() or None
+    summary = {"machine": machine, "software": software, "rows": len(texts), "mean_tokens": float(lengths.mean()),
                "flop_per_token": flops / lengths.sum(), "results": results,
                "date": time.strftime("%Y-%m-%d")}
     (args.out_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -213,6 +216,15 @@ def markdown(summary: dict) -> str:
         lines.append(f"| {r['engine']} | {r['tokens_per_second']:,.0f} | {r['end_to_end_tokens_per_second']:,.0f} | "
                      f"{ratio} | {cosine} | {padding} | {100 * r['fraction_of_machine_limit']:.0f}% |")
     return "\n".join(lines)
+
+
+def _version(package: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def _isa() -> str:
