@@ -60,6 +60,10 @@ class Encoder:
 def _session(ort, graph: Path, providers: list, threads: int | None):
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # The memory pattern replays one input shape's allocations for that same shape; length-sorted
+    # batches change shape nearly every batch. Off, the CPU ran 3-7% faster and peaked lower
+    # (scripts/bench_session.py).
+    options.enable_mem_pattern = False
     if threads:
         options.intra_op_num_threads = threads
     return ort.InferenceSession(str(graph), sess_options=options, providers=providers)

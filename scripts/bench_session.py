@@ -1,0 +1,77 @@
+"""onnxruntime session settings on the CPU graph: memory pattern and arena on or off, paired.
+
+    python scripts/bench_session.py --rows 3000
+
+onnxruntime's memory pattern records the allocations of one input shape to replay them for the same
+shape; length-sorted batches change shape nearly every batch. Each setting gets its own session on
+the default model's CPU graph, and all run the same docstring rows at the CPU's default token budget,
+alternating over --repeats rounds. Prints each setting's median tokens/s and the median per-round
+ratio to onnxruntime's defaults (pattern and arena on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+SETTINGS = {
+    "defaults": {},
+    "no memory pattern": {"enable_mem_pattern": False},
+    "no arena": {"enable_cpu_mem_arena": False},
+}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=3000)
+    p.add_argument("--max-tokens", type=int, default=2048)
+    p.add_argument("--repeats", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+
+    import onnxruntime as ort
+    from bench_common import default_model_rows, padded_batches
+
+    artifact, tokens = default_model_rows(args.rows)
+    batches = padded_batches(artifact, tokens, args.max_tokens)
+    sessions = {}
+    for name, settings in SETTINGS.items():
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = args.threads
+        for key, value in settings.items():
+            setattr(options, key, value)
+        sessions[name] = ort.InferenceSession(str(artifact.graphs["cpu"]), options, providers=["CPUExecutionProvider"])
+    inputs = {i.name for i in sessions["defaults"].get_inputs()}
+
+    def feeds(batch):
+        all_inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+                      "token_type_ids": np.zeros_like(batch.input_ids)}
+        return {k: v for k, v in all_inputs.items() if k in inputs}
+
+    real = int(tokens.lengths.sum())
+    rates: dict[str, list[float]] = {name: [] for name in sessions}
+    for session in sessions.values():  # first-run set-up is not the steady state
+        session.run(None, feeds(batches[0]))
+    for _ in range(args.repeats):
+        for name, session in sessions.items():
+            started = time.perf_counter()
+            for batch in batches:
+                session.run(None, feeds(batch))
+            rates[name].append(real / (time.perf_counter() - started))
+    base = np.array(rates["defaults"])
+    for name in sessions:
+        print(json.dumps({
+            "setting": name, "tokens_per_second": round(float(np.median(rates[name]))),
+            "ratio_to_defaults": round(float(np.median(np.array(rates[name]) / base)), 3),
+            "max_tokens": args.max_tokens, "rows": len(tokens.lengths), "threads": args.threads,
+            "repeats": args.repeats,
+        }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
