@@ -62,14 +62,14 @@ def export_cache_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def exported(model_zoo, export_cache_dir):
-    """exported(family, pooling=None) -> Artifact: the family's graph, exported once per session."""
+    """exported(family, pooling=None, precision="fp32") -> Artifact: the family's graph, exported once per session."""
     artifacts: dict[tuple, Artifact] = {}
 
-    def export(family: str, pooling: tuple[Pooling, ...] | None = None) -> Artifact:
-        key = (family, pooling)
+    def export(family: str, pooling: tuple[Pooling, ...] | None = None, precision: str = "fp32") -> Artifact:
+        key = (family, pooling, precision)
         if key not in artifacts:
             spec = load_spec(model_zoo.model_arg(family), pooling)
-            artifacts[key] = get_or_export(spec, ExportOptions(), export_cache_dir)
+            artifacts[key] = get_or_export(spec, ExportOptions(precision=precision), export_cache_dir)
         return artifacts[key]
 
     return export

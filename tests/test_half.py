@@ -24,12 +24,8 @@ from jobs.embed import main as embed_main
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def fp16_artifact(model_zoo, export_cache_dir):
-    return get_or_export(load_spec(model_zoo.model_arg("bert")), ExportOptions(precision="fp16"), export_cache_dir)
-
-
-def test_fp16_graph_is_half_inside_and_fp32_at_its_edges(fp16_artifact, exported):
+def test_fp16_graph_is_half_inside_and_fp32_at_its_edges(exported):
+    fp16_artifact = exported("bert", precision="fp16")
     manifest = fp16_artifact.manifest
     assert manifest["precision"] == "fp16" and manifest["graphs"] == {"cuda": "model.onnx"}
     graph = onnx.load(str(fp16_artifact.graph_path)).graph
@@ -61,9 +57,8 @@ def test_fp16_graph_is_half_inside_and_fp32_at_its_edges(fp16_artifact, exported
 
 
 @pytest.mark.parametrize("family", ["bert", "roberta"])  # CLS + Dense + normalize; mean pooling, no normalize
-def test_fp16_vectors_stay_close_to_fp32_on_other_text(model_zoo, export_cache_dir, exported, family):
-    artifact = get_or_export(load_spec(model_zoo.model_arg(family)), ExportOptions(precision="fp16"), export_cache_dir)
-    got = onnx_vectors(artifact, TEXTS, graph="cuda")  # the CUDA graph, run on the CPU provider
+def test_fp16_vectors_stay_close_to_fp32_on_other_text(exported, family):
+    got = onnx_vectors(exported(family, precision="fp16"), TEXTS, graph="cuda")  # the CUDA graph, run on the CPU provider
     want = onnx_vectors(exported(family), TEXTS)
     assert np.isfinite(got).all() and got.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), np.linalg.norm(want, axis=1), rtol=1e-3)
@@ -81,8 +76,9 @@ def test_fp16_that_cannot_pass_the_gate_is_refused(model_zoo, tmp_path, monkeypa
     ("cpu", EXIT_USAGE, "fp16 runs on CUDA only"),
     ("auto", EXIT_RUNTIME, "--precision fp16 needs CUDA"),  # auto cannot mean a CPU run for fp16
 ])
-def test_fp16_without_cuda_is_refused(fp16_artifact, model_zoo, export_cache_dir, tmp_path, capsys, monkeypatch,
+def test_fp16_without_cuda_is_refused(exported, model_zoo, export_cache_dir, tmp_path, capsys, monkeypatch,
                                       device, code, message):
+    exported("bert", precision="fp16")  # the graph is cached: the refusal is about the device, not the export
     monkeypatch.setattr(runtime, "_driver_missing", lambda: "no NVIDIA driver (simulated)")
     corpus = tmp_path / "in.parquet"
     pq.write_table(pa.table({"text": ["a", "b"]}), corpus)

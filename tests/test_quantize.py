@@ -16,8 +16,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def int8_artifact(model_zoo, export_cache_dir):
-    return get_or_export(load_spec(model_zoo.model_arg("bert")), ExportOptions(precision="int8"), export_cache_dir)
+def int8_artifact(exported):
+    return exported("bert", precision="int8")
 
 
 def test_int8_graph_passes_its_gate_and_records_it(int8_artifact, exported):
