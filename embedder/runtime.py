@@ -61,8 +61,8 @@ def _session(ort, graph: Path, providers: list, threads: int | None):
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # The memory pattern replays one input shape's allocations for that same shape; length-sorted
-    # batches change shape nearly every batch. Off, the CPU ran 3-7% faster and peaked lower
-    # (scripts/bench_session.py).
+    # batches change shape nearly every batch. Off, the CPU ran at 1.03x (scripts/bench_session.py)
+    # and peaked lower.
     options.enable_mem_pattern = False
     if threads:
         options.intra_op_num_threads = threads

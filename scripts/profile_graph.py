@@ -1,0 +1,62 @@
+"""Where inference time goes: onnxruntime's per-operator profile of the default model's CPU graph.
+
+    python scripts/profile_graph.py --rows 3000
+
+Runs the docstring rows once through the graph (plain CPU graph by default, --graph cuda for the
+fused one, still on the CPU provider) at the CPU's token budget with onnxruntime's profiler on,
+then prints the share of kernel time per operator type.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import tempfile
+
+import numpy as np
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=3000)
+    p.add_argument("--max-tokens", type=int, default=2048)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--graph", choices=("cpu", "cuda"), default="cpu", help="which graph of the cache entry")
+    args = p.parse_args()
+
+    import onnxruntime as ort
+    from bench_common import default_model_rows, padded_batches
+
+    artifact, tokens = default_model_rows(args.rows)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = args.threads
+    options.enable_mem_pattern = False  # as the job's sessions run
+    options.enable_profiling = True
+    options.profile_file_prefix = os.path.join(tempfile.gettempdir(), "embedder-profile")
+    session = ort.InferenceSession(str(artifact.graphs[args.graph]), options, providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    for batch in padded_batches(artifact, tokens, args.max_tokens):
+        feeds = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+                 "token_type_ids": np.zeros_like(batch.input_ids)}
+        session.run(None, {k: v for k, v in feeds.items() if k in names})
+    trace = session.end_profiling()
+    with open(trace) as f:
+        events = json.load(f)
+    os.remove(trace)
+    by_op: collections.Counter = collections.Counter()
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            by_op[event["args"]["op_name"]] += event["dur"]
+    total = sum(by_op.values())
+    print(json.dumps({"graph": artifact.graphs[args.graph].name, "rows": len(tokens.lengths),
+                      "max_tokens": args.max_tokens, "threads": args.threads,
+                      "kernel_seconds": round(total / 1e6, 2),
+                      "share": {op: round(t / total, 3) for op, t in by_op.most_common()}}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
