@@ -9,9 +9,9 @@ from embedder.errors import UsageError
 from embedder.runtime import resolve_kind
 from embedder.spec import Pooling
 
-# Each precision and the device kinds its graphs run on. int8 uses CPU-only kernels, fp16 is for
-# CUDA (on the CPU onnxruntime would run much of it in fp32, slower than fp32 itself); both are gated
-# against fp32 at export.
+# Each precision and the device kinds its graphs run on. int8 uses CPU-only kernels; fp16 is for
+# CUDA (on the CPU onnxruntime casts much of it back to fp32, so it would not be the fp16 measured by
+# the gate on a GPU host). Both are gated against fp32 at export.
 PRECISIONS = {"fp32": ("cpu", "cuda"), "int8": ("cpu",), "fp16": ("cuda",)}
 DEFAULT_OPSET = 17
 
