@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import os
 import time
 import warnings
 from pathlib import Path
@@ -255,6 +256,7 @@ def export_graph(spec: ModelSpec, options: ExportOptions, out_dir: Path) -> dict
     # The plain graph is for the CPU: there onnxruntime's own session optimizer makes it faster than
     # the offline-fused one at the CPU's batch sizes. The fused one (Attention) is for CUDA.
     graphs = {"cpu": GRAPH_FILE, "cuda": FUSED_FILE if optimization["applied"] else GRAPH_FILE}
+    cpu_rewrite = None if options.precision == "fp16" else _rewrite_for_cpu(graph_path, spec, validate)
     quantization = half = None
     if options.precision == "int8":
         from embedder.quantize import quantize_int8
@@ -274,6 +276,7 @@ def export_graph(spec: ModelSpec, options: ExportOptions, out_dir: Path) -> dict
     return {
         "graphs": graphs,
         "optimization": optimization,
+        "cpu_rewrite": cpu_rewrite,
         "quantization": quantization,
         "fp16": half,
         "inputs": [t.to_dict() for t in info.inputs],
@@ -316,6 +319,29 @@ def _optimize(graph_path: Path, fused_path: Path, spec: ModelSpec, config, valid
         logger.warning("graph fusion skipped for %s: %s", spec.name, e)
         return {"applied": False, "reason": f"{type(e).__name__}: {e}"}
     return {"applied": True, "fused_operators": fused, "validation": validation}
+
+
+def _rewrite_for_cpu(graph_path: Path, spec: ModelSpec, validate) -> dict:
+    """Fold attention's key Transposes into FusedMatMul in the plain graph (embedder/cpu_graph.py), if it validates.
+
+    Runs after the CUDA graph was fused from the plain one (the rewrite would hide attention from that
+    fusion's pattern matching) and before int8 quantizes it.
+    """
+    from embedder.cpu_graph import fold_key_transposes
+
+    rewritten = graph_path.with_name("model.cpu-rewrite.onnx")
+    try:
+        folded = fold_key_transposes(graph_path, rewritten)
+        if not folded:
+            rewritten.unlink()
+            return {"applied": False, "reason": "no attention Transpose of this form in the graph"}
+        validation = validate(rewritten)
+    except Exception as e:  # the plain graph stays: correct, only slower
+        rewritten.unlink(missing_ok=True)
+        logger.warning("CPU graph rewrite skipped for %s: %s", spec.name, e)
+        return {"applied": False, "reason": f"{type(e).__name__}: {e}"}
+    os.replace(rewritten, graph_path)
+    return {"applied": True, "folded_transposes": folded, "validation": validation}
 
 
 def _batches_of(texts: list[str], backend, spec: ModelSpec, pad_id: int, input_names: list[str], size: int = 32):
