@@ -501,3 +501,23 @@ def test_full_disk_fails_with_exit_1_keeps_progress_and_a_rerun_completes(method
     again = embed(tmp_path / "in.parquet", out, *args)
     table = assert_succeeded(again, list(range(ROWS)), ["id"])
     assert table.equals(reference)
+
+
+def test_one_window_job_writes_each_vector_once(embed, tmp_path, monkeypatch):
+    """With one window the committed part is OUT: renamed into place, not decoded and written again."""
+    write(tmp_path / "in.parquet", **texts_table(ROWS))
+    windowed = assert_succeeded(embed(tmp_path / "in.parquet", tmp_path / "windowed.parquet", "--window-rows",
+                                      str(WINDOW)), list(range(ROWS)), ["id"])
+    opened: list[str] = []
+    real_init = pq.ParquetWriter.__init__
+
+    def counting_init(self, where, *args, **kwargs):
+        opened.append(Path(str(where)).name)
+        real_init(self, where, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetWriter, "__init__", counting_init)
+    out = tmp_path / "out.parquet"
+    table = assert_succeeded(embed(tmp_path / "in.parquet", out), list(range(ROWS)), ["id"])
+    assert opened == [".part-00000.parquet.tmp"], opened
+    assert table.schema.equals(windowed.schema, check_metadata=True)  # OUT's schema and embedder metadata
+    np.testing.assert_allclose(vectors(table)[1], vectors(windowed)[1], atol=1e-6)
