@@ -44,7 +44,7 @@ def add_model_options(p: argparse.ArgumentParser, threads_default: str = "one pe
     p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="graph precision: fp32 (default), int8 (CPU only) or fp16 (CUDA only)")
     p.add_argument("--pooling", help="override the model's pooling (cls, mean, max, ..., or pooler: the model's pooler_output)")
     p.add_argument("--max-seq-len", type=int, help="truncate texts to this many tokens (default and maximum: the model's)")
-    p.add_argument("--max-tokens", type=int, help="padded-token budget per batch: rows x longest row (default: 2048 on CPU, 16384 on CUDA)")
+    p.add_argument("--max-tokens", type=int, help="padded-token budget per batch: rows x longest row (default: 1024 on CPU, 16384 on CUDA)")
     p.add_argument("--max-batch-size", type=int, default=256, help="most rows in one batch (default 256)")
     p.add_argument("--window-rows", type=int, default=20000, help="rows read, sorted by length and embedded together; bounds memory (default 20000)")
     p.add_argument("--prompt", help="prefix for every text, or the name of a prompt in the model's config (default: the model's default prompt, if any)")

@@ -43,14 +43,18 @@ def unfold(src: Path, dst: Path) -> int:
 
 
 def main() -> int:
+    from bench_common import default_model_rows, padded_batches  # puts the repository on sys.path
+
+    from embedder.encode import DEFAULT_MAX_TOKENS
+    from embedder.runtime import CPU
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=2000)
-    p.add_argument("--max-tokens", type=int, default=2048)
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS[CPU], help="default: the job's CPU budget")
     p.add_argument("--repeats", type=int, default=6)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
 
-    from bench_common import default_model_rows, padded_batches
 
     from embedder.runtime import create_encoder
 

@@ -23,7 +23,7 @@ import numpy as np
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=3000)
-    p.add_argument("--budgets", default="2048,16384")
+    p.add_argument("--budgets", default="1024,16384")
     p.add_argument("--repeats", type=int, default=6)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where both graphs run")

@@ -20,15 +20,19 @@ import numpy as np
 
 
 def main() -> int:
+    from bench_common import default_model_rows, padded_batches  # puts the repository on sys.path
+
+    from embedder.encode import DEFAULT_MAX_TOKENS
+    from embedder.runtime import CPU
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=3000)
-    p.add_argument("--max-tokens", type=int, default=2048)
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS[CPU], help="default: the job's CPU budget")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--graph", choices=("cpu", "cuda"), default="cpu", help="which graph of the cache entry")
     args = p.parse_args()
 
     import onnxruntime as ort
-    from bench_common import default_model_rows, padded_batches
 
     artifact, tokens = default_model_rows(args.rows)
     options = ort.SessionOptions()

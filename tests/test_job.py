@@ -141,7 +141,7 @@ def test_metrics_json_is_last_stdout_line(mixed_corpus, job_cache, tmp_path, cap
     metrics = json.loads(last)
     assert metrics["rows"] == 90
     # No --max-tokens: the CPU default (small batches stay in cache) is what ran.
-    assert metrics["batching"] == {"window_rows": 20000, "max_tokens": 2048, "max_batch_size": 256}
+    assert metrics["batching"] == {"window_rows": 20000, "max_tokens": 1024, "max_batch_size": 256}
     assert pq.read_schema(out).names == ["id", "embedding"]
 
 
