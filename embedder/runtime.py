@@ -61,7 +61,7 @@ def _session(ort, graph: Path, providers: list, threads: int | None):
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # The memory pattern replays one input shape's allocations for that same shape; length-sorted
-    # batches change shape nearly every batch. Off, the CPU ran at 1.03x (scripts/bench_session.py)
+    # batches change shape nearly every batch. Off, the CPU ran at 1.03x (scripts/bench_session.py, 2048 tokens)
     # and peaked lower.
     options.enable_mem_pattern = False
     if threads:
