@@ -11,9 +11,9 @@ Prints the median tokens/s per budget, the padding efficiency, and the ratio to 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
-import time
 
 import numpy as np
 
@@ -26,7 +26,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
 
-    from bench_common import default_model_rows, padded_batches
+    from bench_common import default_model_rows, padded_batches, paired_rates, run_all
 
     from embedder.runtime import create_encoder
 
@@ -34,14 +34,8 @@ def main() -> int:
     encoder = create_encoder(artifact.graphs, "cpu", args.threads)
     budgets = [int(b) for b in args.budgets.split(",")]
     plans = {b: padded_batches(artifact, tokens, b) for b in budgets}
-    rates: dict[int, list[float]] = {b: [] for b in budgets}
     real = int(tokens.lengths.sum())
-    for round_ in range(args.repeats):
-        for budget in budgets if round_ % 2 == 0 else budgets[::-1]:  # no budget always runs first
-            started = time.perf_counter()
-            for batch in plans[budget]:
-                encoder(batch.input_ids, batch.attention_mask)
-            rates[budget].append(real / (time.perf_counter() - started))
+    rates = paired_rates({b: functools.partial(run_all, encoder, plans[b]) for b in budgets}, real, args.repeats)
     base = float(np.median(rates[16384])) if 16384 in rates else None
     for budget in budgets:
         median = float(np.median(rates[budget]))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -35,3 +36,25 @@ def padded_batches(artifact, tokens, max_tokens: int, max_batch_size: int = 256)
     pad_id = artifact.manifest["pad_token_id"]
     return [pad_batch(tokens.ids, tokens.offsets, rows, pad_id)
             for rows in plan_batches(tokens.lengths, max_tokens, max_batch_size)]
+
+
+def paired_rates(passes: dict, tokens: int, repeats: int) -> dict[str, list[float]]:
+    """Tokens/s of each pass (a callable running every batch once) over `repeats` rounds.
+
+    Rounds alternate the passes, reversing their order every other round, so a slow minute on a
+    shared machine hits each alike and none always runs first.
+    """
+    rates: dict[str, list[float]] = {name: [] for name in passes}
+    order = list(passes.items())
+    for round_ in range(repeats):
+        for name, run in order if round_ % 2 == 0 else order[::-1]:
+            started = time.perf_counter()
+            run()
+            rates[name].append(tokens / (time.perf_counter() - started))
+    return rates
+
+
+def run_all(encoder, batches: list) -> None:
+    """One pass of an Encoder over the batches (the pass paired_rates times)."""
+    for batch in batches:
+        encoder(batch.input_ids, batch.attention_mask)

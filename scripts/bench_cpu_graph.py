@@ -12,10 +12,10 @@ both alike. Prints each graph's median tokens/s and the median of the per-round 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +43,7 @@ def unfold(src: Path, dst: Path) -> int:
 
 
 def main() -> int:
-    from bench_common import default_model_rows, padded_batches  # puts the repository on sys.path
+    from bench_common import default_model_rows, padded_batches, paired_rates, run_all  # repository on sys.path
 
     from embedder.encode import DEFAULT_MAX_TOKENS
     from embedder.runtime import CPU
@@ -69,14 +69,8 @@ def main() -> int:
         vectors = {name: np.concatenate([e(b.input_ids, b.attention_mask) for b in batches]) for name, e in encoders.items()}
         identical = bool(np.array_equal(vectors["as_exported"], vectors["folded"]))
         real = int(tokens.lengths.sum())
-        rates: dict[str, list[float]] = {name: [] for name in encoders}
-        for round_ in range(args.repeats):
-            order = list(encoders.items())
-            for name, encoder in order if round_ % 2 == 0 else order[::-1]:
-                started = time.perf_counter()
-                for batch in batches:
-                    encoder(batch.input_ids, batch.attention_mask)
-                rates[name].append(real / (time.perf_counter() - started))
+        rates = paired_rates({name: functools.partial(run_all, e, batches) for name, e in encoders.items()},
+                             real, args.repeats)
     ratio = np.array(rates["folded"]) / np.array(rates["as_exported"])
     print(json.dumps({
         "max_tokens": args.max_tokens, "rows": len(tokens.lengths), "threads": args.threads, "repeats": args.repeats,

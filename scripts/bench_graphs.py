@@ -13,9 +13,9 @@ median tokens/s and the median of the per-round ratio fused/plain.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
-import time
 
 import numpy as np
 
@@ -29,7 +29,7 @@ def main() -> int:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where both graphs run")
     args = p.parse_args()
 
-    from bench_common import default_model_rows, padded_batches
+    from bench_common import default_model_rows, padded_batches, paired_rates, run_all
 
     from embedder.runtime import create_encoder
 
@@ -41,15 +41,10 @@ def main() -> int:
     real = int(tokens.lengths.sum())
     for budget in (int(b) for b in args.budgets.split(",")):
         batches = padded_batches(artifact, tokens, budget)
-        rates: dict[str, list[float]] = {name: [] for name in encoders}
         for name, encoder in encoders.items():  # warm-up: first-run allocations are not the steady state
             encoder(batches[0].input_ids, batches[0].attention_mask)
-        for _ in range(args.repeats):
-            for name, encoder in encoders.items():
-                started = time.perf_counter()
-                for batch in batches:
-                    encoder(batch.input_ids, batch.attention_mask)
-                rates[name].append(real / (time.perf_counter() - started))
+        rates = paired_rates({name: functools.partial(run_all, encoder, batches) for name, encoder in encoders.items()},
+                             real, args.repeats)
         ratio = np.array(rates["fused"]) / np.array(rates["plain"])
         print(json.dumps({
             "max_tokens": budget,

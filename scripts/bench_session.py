@@ -12,9 +12,9 @@ ratio to onnxruntime's defaults (pattern and arena on).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
-import time
 
 import numpy as np
 
@@ -26,7 +26,7 @@ SETTINGS = {
 
 
 def main() -> int:
-    from bench_common import default_model_rows, padded_batches  # puts the repository on sys.path
+    from bench_common import default_model_rows, padded_batches, paired_rates  # puts the repository on sys.path
 
     from embedder.encode import DEFAULT_MAX_TOKENS
     from embedder.runtime import CPU
@@ -57,15 +57,14 @@ def main() -> int:
         return {k: v for k, v in all_inputs.items() if k in inputs}
 
     real = int(tokens.lengths.sum())
-    rates: dict[str, list[float]] = {name: [] for name in sessions}
     for session in sessions.values():  # first-run set-up is not the steady state
         session.run(None, feeds(batches[0]))
-    for _ in range(args.repeats):
-        for name, session in sessions.items():
-            started = time.perf_counter()
-            for batch in batches:
-                session.run(None, feeds(batch))
-            rates[name].append(real / (time.perf_counter() - started))
+
+    def run_session(session) -> None:
+        for batch in batches:
+            session.run(None, feeds(batch))
+
+    rates = paired_rates({name: functools.partial(run_session, s) for name, s in sessions.items()}, real, args.repeats)
     base = np.array(rates["defaults"])
     for name in sessions:
         print(json.dumps({
