@@ -70,29 +70,51 @@ def _session(ort, graph: Path, providers: list, threads: int | None):
 
 
 def _cuda_provider(index: int) -> tuple[str, dict]:
-    # kSameAsRequested keeps the arena from doubling on every new batch shape.
-    return (CUDA, {"device_id": index, "arena_extend_strategy": "kSameAsRequested"})
+    options = {
+        "device_id": index,
+        # kSameAsRequested keeps the arena from doubling on every new batch shape.
+        "arena_extend_strategy": "kSameAsRequested",
+        # onnxruntime's CUDA provider runs fp32 matrix products in TF32 unless told not to; torch does not
+        # (torch.backends.cuda.matmul.allow_tf32 is off by default), so fp32 keeps full precision to give
+        # sentence-transformers' vectors. fp16 graphs do not use TF32 either way.
+        "use_tf32": 0,
+    }
+    return (CUDA, options)
 
 
-def _driver_missing() -> str | None:
-    """Why CUDA cannot work at all, checked before onnxruntime tries (and logs errors) on CPU hosts."""
+def cuda_device_count() -> int | str:
+    """How many CUDA devices the NVIDIA driver shows, or why it shows none (asked before onnxruntime logs errors)."""
     import ctypes
 
     try:
-        ctypes.CDLL("libcuda.so.1")
+        driver = ctypes.CDLL("libcuda.so.1")
     except OSError:
         return "no NVIDIA driver on this machine (libcuda.so.1 not found)"
-    return None
+    count = ctypes.c_int(0)
+    status = driver.cuInit(0)
+    if status == 0:
+        status = driver.cuDeviceGetCount(ctypes.byref(count))
+    if status != 0:
+        return f"the NVIDIA driver could not start CUDA (CUresult {status})"
+    if count.value == 0:
+        return "the NVIDIA driver shows no CUDA device (check CUDA_VISIBLE_DEVICES)"
+    return count.value
 
 
-def cuda_problem() -> str | None:
-    """Why onnxruntime's CUDA provider cannot run here, or None if it may (the session still decides)."""
+def cuda_problem(index: int = 0) -> str | None:
+    """Why onnxruntime's CUDA provider cannot run on device `index` here, or None if it may (the session decides)."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()
     if CUDA not in available:
         return f"this onnxruntime build has no CUDA provider (it has: {', '.join(available)}); install onnxruntime-gpu"
-    return _driver_missing()
+    count = cuda_device_count()
+    if isinstance(count, str):
+        return count
+    if index >= count:
+        shown = ", ".join(f"cuda:{i}" for i in range(count))
+        return f"this machine has {count} CUDA device{'s' if count > 1 else ''} ({shown})"
+    return None
 
 
 def preload_cuda_libraries(ort) -> None:
@@ -138,14 +160,17 @@ def create_encoder(graphs: dict[str, Path] | str | os.PathLike, device: str = "a
     asked, index = parse_device(device)
     kind = resolve_kind(graphs, device, precision)
     if kind in ("cuda", "auto"):
-        reason = cuda_problem()
+        reason = cuda_problem(index)
         if reason is None:
             preload_cuda_libraries(ort)
-            session = _session(ort, graphs["cuda"], [_cuda_provider(index), CPU], threads)
-            if session.get_providers()[0] == CUDA:
+            try:
+                session = _session(ort, graphs["cuda"], [_cuda_provider(index), CPU], threads)
+            except Exception as e:  # onnxruntime raises its own RuntimeError subclasses (e.g. a CUDA failure)
+                session, reason = None, f"onnxruntime could not create a CUDA session: {_first_line(e)}"
+            if session is not None and session.get_providers()[0] == CUDA:
                 logger.info("running on CUDA device %d", index)
                 return _encoder(session, CUDA, f"cuda:{index}", graphs["cuda"])
-            reason = (
+            reason = reason or (
                 "onnxruntime's CUDA provider did not load (it needs an NVIDIA driver, CUDA 13 and cuDNN 9 "
                 "libraries on the library path; onnxruntime logged the details above)"
             )
@@ -155,6 +180,11 @@ def create_encoder(graphs: dict[str, Path] | str | os.PathLike, device: str = "a
         logger.info("device auto: CUDA unavailable, running on CPU (%s)", reason)
     session = _session(ort, graphs["cpu"], [CPU], threads)
     return _encoder(session, CPU, "cpu", graphs["cpu"])
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _encoder(session, provider: str, device: str, graph: Path) -> Encoder:

@@ -79,7 +79,7 @@ def test_fp16_that_cannot_pass_the_gate_is_refused(model_zoo, tmp_path, monkeypa
 def test_fp16_without_cuda_is_refused(exported, model_zoo, export_cache_dir, tmp_path, capsys, monkeypatch,
                                       device, code, message):
     exported("bert", precision="fp16")  # the graph is cached: the refusal is about the device, not the export
-    monkeypatch.setattr(runtime, "_driver_missing", lambda: "no NVIDIA driver (simulated)")
+    monkeypatch.setattr(runtime, "cuda_device_count", lambda: "no NVIDIA driver (simulated)")
     corpus = tmp_path / "in.parquet"
     pq.write_table(pa.table({"text": ["a", "b"]}), corpus)
     rc = embed_main(["--in", str(corpus), "--out", str(tmp_path / "out.parquet"), "--precision", "fp16",

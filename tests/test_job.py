@@ -66,7 +66,7 @@ def embedded(mixed_corpus, job_cache, tmp_path_factory) -> tuple[pa.Table, dict]
     out, metrics_file = out_dir / "vecs.parquet", out_dir / "metrics.json"
     rc = embed_main(["--in", str(mixed_corpus), "--out", str(out), "--cache-dir", str(job_cache),
                      "--window-rows", "16", "--max-tokens", "600", "--metrics-out", str(metrics_file),
-                     "--progress", "off"])
+                     "--progress", "off", "--device", "cpu"])
     assert rc == 0
     return pq.read_table(out), json.loads(metrics_file.read_text())
 
@@ -136,7 +136,7 @@ def test_metrics_agree_with_the_data(embedded, mixed_corpus):
 def test_metrics_json_is_last_stdout_line(mixed_corpus, job_cache, tmp_path, capsys):
     out = tmp_path / "v.parquet"
     assert embed_main(["--in", str(mixed_corpus), "--out", str(out), "--cache-dir", str(job_cache),
-                       "--keep-cols", "id", "--progress", "off"]) == 0
+                       "--keep-cols", "id", "--progress", "off", "--device", "cpu"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     metrics = json.loads(last)
     assert metrics["rows"] == 90
@@ -146,7 +146,10 @@ def test_metrics_json_is_last_stdout_line(mixed_corpus, job_cache, tmp_path, cap
 
 
 def run_job(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "jobs.embed", *args], cwd=ROOT, capture_output=True, text=True)
+    """jobs.embed in a subprocess, pinned to the CPU unless args name a device (the suite also runs on GPU hosts)."""
+    device = () if "--device" in args else ("--device", "cpu")
+    return subprocess.run([sys.executable, "-m", "jobs.embed", *args, *device], cwd=ROOT, capture_output=True,
+                          text=True)
 
 
 def test_warm_cache_exports_once_and_never_imports_torch(mixed_corpus, tmp_path):
@@ -211,7 +214,8 @@ def test_bad_input_one_line_exit_code_no_output(make_input, extra, code, message
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     fixtures = {"not_parquet": not_parquet, "numbers": numbers, "body_only": body_only}
     out = tmp_path / "out.parquet"
-    rc = embed_main(["--in", make_input(tmp_path, fixtures), "--out", str(out), "--cache-dir", str(job_cache), *extra])
+    rc = embed_main(["--in", make_input(tmp_path, fixtures), "--out", str(out), "--cache-dir", str(job_cache), "--device", "cpu",
+                     *extra])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == code
     assert err[-1].startswith("jobs.embed: error: ") and message in err[-1]
@@ -239,7 +243,7 @@ def test_bad_input_in_a_subprocess_prints_no_traceback(not_parquet, tmp_path):
 def test_explicit_cuda_without_cuda_is_an_error_not_a_cpu_run(body_only, tmp_path, job_cache, capsys, monkeypatch):
     import embedder.runtime as runtime
 
-    monkeypatch.setattr(runtime, "_driver_missing", lambda: "no NVIDIA driver (simulated)")
+    monkeypatch.setattr(runtime, "cuda_device_count", lambda: "no NVIDIA driver (simulated)")
     out = tmp_path / "out.parquet"
     rc = embed_main(["--in", str(body_only), "--text-col", "body", "--out", str(out), "--cache-dir", str(job_cache),
                      "--device", "cuda"])

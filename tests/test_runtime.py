@@ -92,7 +92,7 @@ def test_each_device_opens_its_own_graph(exported, monkeypatch, device, cuda_loa
         got = asked if cuda_loads else [runtime.CPU]
         return Reported(real_session(ort, path, [runtime.CPU], threads), got)
 
-    monkeypatch.setattr(runtime, "cuda_problem", lambda: None)
+    monkeypatch.setattr(runtime, "cuda_problem", lambda index=0: None)
     monkeypatch.setattr(runtime, "_session", session)
     encoder = runtime.create_encoder(artifact.graphs, device)
     assert encoder.provider == provider and encoder.graph == artifact.graphs[graph] == opened[-1]
