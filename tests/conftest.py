@@ -7,6 +7,7 @@ one family never pays for the others. Builders and helpers live in tests/models.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -56,7 +57,15 @@ def model_zoo(tmp_path_factory) -> ModelZoo:
 
 @pytest.fixture(scope="session")
 def export_cache_dir(tmp_path_factory) -> Path:
-    """The graph cache shared by the whole session (tests that corrupt entries copy it first)."""
+    """The graph cache shared by the whole session (tests that corrupt entries copy it first).
+
+    $EMBEDDER_TEST_EXPORT_CACHE names a folder kept between sessions instead: scripts/gpu_check.py sets
+    it so that its rerun on the same GPU machine skips the exports.
+    """
+    kept = os.environ.get("EMBEDDER_TEST_EXPORT_CACHE")
+    if kept:
+        Path(kept).mkdir(parents=True, exist_ok=True)
+        return Path(kept)
     return tmp_path_factory.mktemp("export-cache")
 
 

@@ -453,17 +453,20 @@ def fake_hub_snapshot(cache: Path, repo_id: str, source: Path, sha: str, ref: bo
 
 
 def onnx_vectors(artifact, texts: list[str], max_tokens: int = 256, max_batch_size: int = 4,
-                 graph: str = "cpu") -> np.ndarray:
-    """Vectors from the cache entry's graph for `graph` ("cpu" or "cuda"), run on the CPU provider:
-    TextTokenizer -> plan_batches -> pad_batch -> Encoder, in input order."""
+                 graph: str = "cpu", device: str = "cpu") -> np.ndarray:
+    """Vectors from the cache entry's graph for `graph` ("cpu" or "cuda"), run on `device` ("cpu" runs any
+    graph on the CPU provider; "cuda" must really get CUDA): TextTokenizer -> plan_batches -> pad_batch ->
+    Encoder, in input order."""
     from embedder.batching import pad_batch, plan_batches
-    from embedder.runtime import create_encoder
+    from embedder.runtime import CUDA, create_encoder
     from embedder.tokenize import TextTokenizer, resolve_prompt
 
     manifest = artifact.manifest
     prompt = resolve_prompt(None, manifest["prompts"], manifest["default_prompt_name"])
     window = TextTokenizer(artifact.tokenizer_path, manifest["max_seq_length"], prompt).encode(texts)
-    encoder = create_encoder({"cpu": artifact.graphs[graph]}, device="cpu")
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    encoder = create_encoder({kind: artifact.graphs[graph]}, device=device, precision=artifact.precision)
+    assert (encoder.provider == CUDA) == (kind == "cuda"), encoder.provider
     vectors = np.full((len(texts), manifest["dim"]), np.nan, dtype=np.float32)
     for rows in plan_batches(window.lengths, max_tokens, max_batch_size):
         batch = pad_batch(window.ids, window.offsets, rows, manifest["pad_token_id"])

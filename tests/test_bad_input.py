@@ -88,7 +88,7 @@ def embed(tiny_model, export_cache_dir, capsys):
     def run(inputs: Path | str, out: Path, *extra: str) -> Run:
         capsys.readouterr()
         rc = embed_main(["--in", str(inputs), "--out", str(out), "--model", tiny_model, "--cache-dir",
-                         str(export_cache_dir), "--progress", "off", *extra])
+                         str(export_cache_dir), "--progress", "off", "--device", "cpu", *extra])
         return Run(rc, capsys.readouterr().err.strip().splitlines(), out)
 
     return run
@@ -415,7 +415,7 @@ def test_corrupted_file_in_a_subprocess_prints_one_line_no_traceback(tiny_model,
     path.write_bytes(bytes(data))
     out = tmp_path / "out.parquet"
     proc = subprocess.run([sys.executable, "-m", "jobs.embed", "--in", str(path), "--out", str(out), "--model",
-                           tiny_model, "--cache-dir", str(export_cache_dir), "--progress", "off"],
+                           tiny_model, "--cache-dir", str(export_cache_dir), "--progress", "off", "--device", "cpu"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr

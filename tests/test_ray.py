@@ -54,7 +54,7 @@ def corpus(tmp_path_factory) -> Path:
 def job_args(model_zoo, export_cache_dir, exported, corpus) -> list[str]:
     exported("bert")  # export before the jobs, so they time embedding, not the export
     return ["--in", str(corpus), "--model", model_zoo.model_arg("bert"), "--cache-dir", str(export_cache_dir),
-            "--window-rows", str(WINDOW), "--max-tokens", "512", "--progress", "off"]
+            "--window-rows", str(WINDOW), "--max-tokens", "512", "--progress", "off", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,8 @@ def corpus(tmp_path_factory) -> Path:
 def job_args(model_zoo, export_cache_dir, exported, corpus) -> list[str]:
     exported("bert")  # export before any subprocess, so the tests time the job, not the export
     return ["--in", str(corpus), "--model", model_zoo.model_arg("bert"), "--cache-dir", str(export_cache_dir),
-            "--window-rows", str(WINDOW), "--max-tokens", "512", "--progress", "off", "--threads", "1"]
+            "--window-rows", str(WINDOW), "--max-tokens", "512", "--progress", "off", "--threads", "1",
+            "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +157,8 @@ def test_two_jobs_on_a_cold_cache_export_once(model_zoo, corpus, tmp_path):
     cache = tmp_path / "cold-cache"
     procs = [
         subprocess.Popen([sys.executable, "-m", "jobs.embed", "--in", str(corpus), "--model", model_zoo.model_arg("roberta"),
-                          "--cache-dir", str(cache), "--out", str(tmp_path / f"{n}.parquet"), "--progress", "off"],
+                          "--cache-dir", str(cache), "--out", str(tmp_path / f"{n}.parquet"), "--progress", "off",
+                          "--device", "cpu"],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for n in ("a", "b")
     ]
