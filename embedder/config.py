@@ -6,8 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from embedder.errors import UsageError
-from embedder.runtime import resolve_kind
-from embedder.spec import Pooling
+from embedder.model.spec import Pooling
 
 # Each precision and the device kinds its graphs run on. int8 uses CPU-only kernels; fp16 is for
 # CUDA (on the CPU onnxruntime casts much of it back to fp32, so it would not be the fp16 measured by
@@ -82,5 +81,3 @@ class JobConfig:
             raise UsageError("--resume and --restart contradict each other; pick one")
         if not self.text_col:
             raise UsageError("--text-col must name a column")
-        # Refuse a device the precision cannot run on now, not after an export.
-        resolve_kind(PRECISIONS[self.export.precision], self.device, self.export.precision)

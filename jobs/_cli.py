@@ -51,7 +51,7 @@ def run_job(prog: str, args, produce_metrics: Callable[[], dict]) -> int:
 
     code = run_main(prog, job)
     if args.prometheus_out:
-        from embedder.metrics import write_prometheus
+        from embedder.run.report import write_prometheus
 
         try:
             write_prometheus(args.prometheus_out, str(args.out), code, outcome.get("metrics"))

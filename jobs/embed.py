@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 from embedder.config import DEFAULT_OPSET, PRECISIONS, ExportOptions, JobConfig
-from embedder.io import parse_shard
-from embedder.spec import parse_pooling
+from embedder.io.parquet import parse_shard
+from embedder.model.spec import parse_pooling
 from jobs._cli import run_job, setup_logging
 
 
@@ -94,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
 
     def embed() -> dict:
-        from embedder.job import run  # after argument parsing: --help stays instant
+        from embedder.run.local import (
+            run,  # after argument parsing: --help stays instant
+        )
 
         return run(config_from_args(args))
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from jobs._cli import run_job, setup_logging
 from jobs.embed import add_model_options, add_reporting_options, config_from_args
 
-GRAPH_TRANSFERS = ("auto", "path", "object-store")  # embedder.distributed.GRAPH_TRANSFERS, without importing it
+GRAPH_TRANSFERS = ("auto", "path", "object-store")  # embedder.run.ray_driver.GRAPH_TRANSFERS, without importing it
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     def embed() -> dict:
-        from embedder.distributed import RayOptions, run  # after argument parsing: --help stays instant
+        from embedder.run.ray_driver import (  # after argument parsing: --help stays instant
+            RayOptions,
+            run,
+        )
 
         options = RayOptions(workers=args.workers, cpus_per_worker=args.cpus_per_worker,
                              gpus_per_worker=args.gpus_per_worker, address=args.address,

@@ -7,9 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from embedder.cache import get_or_export
+from embedder.build.cache import get_or_export
 from embedder.config import PRECISIONS, ExportOptions, default_cache_dir
-from embedder.spec import load_spec, parse_pooling
+from embedder.model.spec import load_spec, parse_pooling
 from jobs._cli import run_main, setup_logging
 
 

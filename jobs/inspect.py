@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from embedder.graph import read_graph_info
+from embedder.infer.graph_info import read_graph_info
 from jobs._cli import run_main
 
 

@@ -141,7 +141,7 @@ def main() -> int:
     p.add_argument("--out-dir", type=Path, default=ROOT / "bench")
     args = p.parse_args()
 
-    from embedder.spec import resolve_model_path
+    from embedder.model.spec import resolve_model_path
 
     model_path = resolve_model_path(args.model)
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -175,8 +175,9 @@ def main() -> int:
             except (RuntimeError, OSError) as e:
                 print(f"bench: peer {backend} did not run: {e}", file=sys.stderr)
 
-        from embedder.tokenize import TextTokenizer
         from transformers import AutoTokenizer
+
+        from embedder.infer.tokenize import TextTokenizer
 
         texts = [t for t in pq.read_table(corpus, columns=["text"]).column("text").to_pylist() if t is not None]
         max_len = json.loads((model_path / "sentence_bert_config.json").read_text()).get("max_seq_length", 512) \

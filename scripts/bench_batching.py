@@ -28,7 +28,7 @@ def main() -> int:
 
     from bench_common import default_model_rows, padded_batches, paired_rates, run_all
 
-    from embedder.runtime import create_encoder
+    from embedder.infer.session import create_encoder
 
     artifact, tokens = default_model_rows(args.rows)
     encoder = create_encoder(artifact.graphs, "cpu", args.threads)

@@ -15,9 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from embedder import ExportOptions, get_or_export, load_spec  # noqa: E402
-from embedder.batching import pad_batch, plan_batches  # noqa: E402
 from embedder.config import default_cache_dir  # noqa: E402
-from embedder.tokenize import TextTokenizer  # noqa: E402
+from embedder.infer.batching import pad_batch, plan_batches  # noqa: E402
+from embedder.infer.tokenize import TextTokenizer  # noqa: E402
 
 
 def default_model_rows(rows: int):

@@ -43,10 +43,15 @@ def unfold(src: Path, dst: Path) -> int:
 
 
 def main() -> int:
-    from bench_common import default_model_rows, padded_batches, paired_rates, run_all  # repository on sys.path
+    from bench_common import (  # repository on sys.path
+        default_model_rows,
+        padded_batches,
+        paired_rates,
+        run_all,
+    )
 
-    from embedder.encode import DEFAULT_MAX_TOKENS
-    from embedder.runtime import CPU
+    from embedder.infer.session import CPU
+    from embedder.infer.window import DEFAULT_MAX_TOKENS
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=2000)
@@ -56,7 +61,7 @@ def main() -> int:
     args = p.parse_args()
 
 
-    from embedder.runtime import create_encoder
+    from embedder.infer.session import create_encoder
 
     artifact, tokens = default_model_rows(args.rows)
     with tempfile.TemporaryDirectory(prefix="embedder-bench-") as tmp:

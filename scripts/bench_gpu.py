@@ -39,7 +39,7 @@ def build_model(folder: Path, layers: int) -> Path:
     from sentence_transformers import SentenceTransformer, models
     from transformers import BertConfig, BertModel
 
-    from embedder.spec import default_model_path
+    from embedder.model.spec import default_model_path
 
     torch.manual_seed(0)
     config = BertConfig(vocab_size=30522, hidden_size=768, num_hidden_layers=layers, num_attention_heads=12,

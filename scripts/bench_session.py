@@ -26,10 +26,14 @@ SETTINGS = {
 
 
 def main() -> int:
-    from bench_common import default_model_rows, padded_batches, paired_rates  # puts the repository on sys.path
+    from bench_common import (  # puts the repository on sys.path
+        default_model_rows,
+        padded_batches,
+        paired_rates,
+    )
 
-    from embedder.encode import DEFAULT_MAX_TOKENS
-    from embedder.runtime import CPU
+    from embedder.infer.session import CPU
+    from embedder.infer.window import DEFAULT_MAX_TOKENS
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=3000)

@@ -14,7 +14,7 @@ import pytest
 from models import BUILDERS
 
 from embedder import Artifact, ExportOptions, Pooling, get_or_export, load_spec
-from embedder.spec import default_model_path
+from embedder.model.spec import default_model_path
 
 
 class ModelZoo:

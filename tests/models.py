@@ -113,7 +113,14 @@ def wordpiece_tokenizer(cls, folder: Path):
 
 def byte_level_bpe_tokenizer(vocab_size: int = 700):
     """A RoBERTa-style tokenizer: byte-level BPE trained on real text, <s> A </s>, no token types."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.BPE(unk_token=None))
@@ -134,7 +141,15 @@ def byte_level_bpe_tokenizer(vocab_size: int = 700):
 
 def unigram_tokenizer(vocab_size: int = 500):
     """An XLM-R-style tokenizer: Unigram with Metaspace, <s> A </s>, no token types."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.Unigram())
@@ -222,7 +237,11 @@ def _bert_checkpoint(folder: Path, max_positions: int = 64) -> Path:
 def build_bert(root: Path) -> Path:
     """BERT, WordPiece, CLS pooling, Dense(32 -> 16, Tanh), Normalize; has token_type_ids."""
     import torch
-    from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling
+    from sentence_transformers.sentence_transformer.modules import (
+        Dense,
+        Normalize,
+        Pooling,
+    )
 
     hf = _bert_checkpoint(root / "bert-hf")
     return save_sentence_transformer(
@@ -457,9 +476,9 @@ def onnx_vectors(artifact, texts: list[str], max_tokens: int = 256, max_batch_si
     """Vectors from the cache entry's graph for `graph` ("cpu" or "cuda"), run on `device` ("cpu" runs any
     graph on the CPU provider; "cuda" must really get CUDA): TextTokenizer -> plan_batches -> pad_batch ->
     Encoder, in input order."""
-    from embedder.batching import pad_batch, plan_batches
-    from embedder.runtime import CUDA, create_encoder
-    from embedder.tokenize import TextTokenizer, resolve_prompt
+    from embedder.infer.batching import pad_batch, plan_batches
+    from embedder.infer.session import CUDA, create_encoder
+    from embedder.infer.tokenize import TextTokenizer, resolve_prompt
 
     manifest = artifact.manifest
     prompt = resolve_prompt(None, manifest["prompts"], manifest["default_prompt_name"])

@@ -218,17 +218,17 @@ def test_extra_column_in_a_later_file_is_not_carried_and_is_logged(embed, tmp_pa
     # warning naming it (the rows all stay). --keep-cols names the columns and silences the warning.
     write(tmp_path / "in" / "a.parquet", id=[1, 2], text=["a", "b"])
     write(tmp_path / "in" / "b.parquet", id=[3], extra=["e"], text=["c"])
-    with caplog.at_level(logging.WARNING, logger="embedder.io"):
+    with caplog.at_level(logging.WARNING, logger="embedder.io.parquet"):
         run = embed(tmp_path / "in", tmp_path / "out.parquet")
     assert_succeeded(run, [1, 2, 3], ["id"])
-    warnings = [r.getMessage() for r in caplog.records if r.name == "embedder.io"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "embedder.io.parquet"]
     assert len(warnings) == 1 and "b.parquet" in warnings[0] and "extra" in warnings[0]
 
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="embedder.io"):
+    with caplog.at_level(logging.WARNING, logger="embedder.io.parquet"):
         run = embed(tmp_path / "in", tmp_path / "out2.parquet", "--keep-cols", "id")
     assert_succeeded(run, [1, 2, 3], ["id"])
-    assert not [r for r in caplog.records if r.name == "embedder.io"]
+    assert not [r for r in caplog.records if r.name == "embedder.io.parquet"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -317,8 +317,8 @@ def test_any_unicode_is_embedded_in_order_like_sentence_transformers(embed, mode
 
 @pytest.fixture(scope="module")
 def tokenizer_and_encoder(exported):
-    from embedder.runtime import create_encoder
-    from embedder.tokenize import TextTokenizer
+    from embedder.infer.session import create_encoder
+    from embedder.infer.tokenize import TextTokenizer
 
     artifact = exported("bert")
     manifest = artifact.manifest
@@ -327,7 +327,7 @@ def tokenizer_and_encoder(exported):
 
 
 def encode(tokenizer_and_encoder, texts: list[str], max_tokens: int, max_batch_size: int) -> np.ndarray:
-    from embedder.batching import pad_batch, plan_batches
+    from embedder.infer.batching import pad_batch, plan_batches
 
     tokenizer, encoder, pad_id = tokenizer_and_encoder
     window = tokenizer.encode(texts)

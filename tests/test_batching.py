@@ -1,4 +1,4 @@
-"""embedder.batching: token-budget batch plans (properties, via hypothesis) and right-padded batches."""
+"""embedder.infer.batching: token-budget batch plans (properties, via hypothesis) and right-padded batches."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from embedder.batching import pad_batch, plan_batches
-from embedder.spec import default_model_path
-from embedder.tokenize import TextTokenizer
+from embedder.infer.batching import pad_batch, plan_batches
+from embedder.infer.tokenize import TextTokenizer
+from embedder.model.spec import default_model_path
 
 lengths_strategy = st.lists(st.integers(0, 600), max_size=300).map(lambda v: np.array(v, dtype=np.int64))
 token_rows = st.lists(st.lists(st.integers(0, 30_000), max_size=24), min_size=1, max_size=40)

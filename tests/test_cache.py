@@ -1,4 +1,4 @@
-"""embedder.cache: content-addressed, verified, locked graph cache.
+"""embedder.build.cache: content-addressed, verified, locked graph cache.
 
 Tests that corrupt an entry first copy it out of the session cache, so other tests keep theirs.
 """
@@ -24,12 +24,13 @@ from models import (
     write_spec_folder,
 )
 
-import embedder.cache as cache_module
+import embedder.build.cache as cache_module
 from embedder import ExportOptions, Pooling, get_or_export, load_spec
-from embedder.cache import MANIFEST_FILE, model_key
+from embedder.build.cache import model_key
+from embedder.build.export import MAX_ABS_DIFF, MIN_COSINE
 from embedder.errors import ExportError, UsageError
-from embedder.export import MAX_ABS_DIFF, MIN_COSINE
-from embedder.spec import hash_files
+from embedder.manifest import MANIFEST_FILE
+from embedder.model.spec import hash_files
 
 # Prints, as JSON, the exit code and cache_hit of jobs.export on the given model and cache, and
 # whether the process imported torch or transformers' modeling code on the way.
@@ -141,7 +142,7 @@ def test_corrupt_entry_is_detected_and_re_exported(model_zoo, exported, tmp_path
     cache_dir = tmp_path / "cache"
     corrupt(copy_entry(original, cache_dir))
     spec = load_spec(model_zoo.model_arg("distilbert"))
-    with caplog.at_level(logging.WARNING, logger="embedder.cache"):
+    with caplog.at_level(logging.WARNING, logger="embedder.build.cache"):
         repaired = get_or_export(spec, ExportOptions(), cache_dir)
     assert not repaired.hit
     assert any("re-exporting" in r.getMessage() for r in caplog.records)

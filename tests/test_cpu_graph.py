@@ -1,4 +1,4 @@
-"""embedder.cpu_graph: attention's key Transpose folded into FusedMatMul, with identical values."""
+"""embedder.build.cpu_graph: attention's key Transpose folded into FusedMatMul, with identical values."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from models import ALL_FAMILIES
 from onnx import TensorProto, helper
 
-from embedder.cpu_graph import fold_key_transposes
+from embedder.build.cpu_graph import fold_key_transposes
 
 
 def _scores_graph(path, key_perm, extra_consumer=False, heads=3, seq=5, head_dim=4):

@@ -1,4 +1,4 @@
-"""embedder.export: one ONNX graph per model that reproduces sentence-transformers' vectors.
+"""embedder.build.export: one ONNX graph per model that reproduces sentence-transformers' vectors.
 
 Every family is exported once per session (conftest `exported`) and run the way the job runs it:
 TextTokenizer -> plan_batches -> pad_batch -> Encoder.
@@ -60,7 +60,7 @@ def test_cpu_gets_the_plain_graph_and_cuda_the_fused_one(exported, family):
 @pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_test_texts_exercise_truncation(exported, family):
     """The longest text is cut at max_seq_length, so the equality above covers truncation."""
-    from embedder.tokenize import TextTokenizer
+    from embedder.infer.tokenize import TextTokenizer
 
     artifact = exported(family)
     max_len = artifact.manifest["max_seq_length"]

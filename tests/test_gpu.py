@@ -12,14 +12,22 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from models import (ALL_FAMILIES, REPO_ROOT, TEXTS, assert_vectors_match, corpus_lines, cosines, module_command,
-                    onnx_vectors, reference_vectors)
+from models import (
+    ALL_FAMILIES,
+    REPO_ROOT,
+    TEXTS,
+    assert_vectors_match,
+    corpus_lines,
+    cosines,
+    module_command,
+    onnx_vectors,
+    reference_vectors,
+)
 
 # fp16 against sentence-transformers' fp32 vectors: the gate's threshold (README, --precision).
 FP16_MIN_COSINE = 0.999
@@ -30,7 +38,7 @@ GPU_TEXTS = TEXTS + corpus_lines()[:300]
 @pytest.fixture(scope="module")
 def cuda_devices() -> int:
     """The number of CUDA devices; skips the test where onnxruntime cannot use CUDA here."""
-    from embedder.runtime import cuda_device_count, cuda_problem
+    from embedder.infer.session import cuda_device_count, cuda_problem
 
     reason = cuda_problem()
     if reason is not None:

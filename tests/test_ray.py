@@ -120,7 +120,7 @@ def test_an_actor_killed_mid_run_is_retried_and_nothing_is_lost_or_doubled(point
                                                                           tmp_path, monkeypatch, caplog):
     """SIGKILL in one actor, once, after embedding a window or after committing its part file; the graph
     reaches the restarted actor through the object store."""
-    caplog.set_level(logging.INFO, logger="embedder.distributed")
+    caplog.set_level(logging.INFO, logger="embedder.run.ray_driver")
     marker = tmp_path / "crashed"
     monkeypatch.setenv("EMBEDDER_CRASH_ONCE", f"{point}:{marker}")
     out = tmp_path / "vecs"
@@ -171,21 +171,21 @@ def test_bad_input_and_an_existing_output_fail_before_ray_starts(corpus, tmp_pat
 
 
 def test_the_single_process_job_does_not_import_ray():
-    code = "import sys, embedder, embedder.job, jobs.embed; print('ray' in sys.modules)"
+    code = "import sys, embedder, embedder.run.local, jobs.embed; print('ray' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
 
 
 def test_the_cli_offers_the_graph_transfers_the_driver_knows():
-    from embedder.distributed import GRAPH_TRANSFERS
+    from embedder.run.ray_driver import GRAPH_TRANSFERS
     from jobs.embed_ray import GRAPH_TRANSFERS as offered
 
     assert offered == GRAPH_TRANSFERS
 
 
 def test_device_follows_the_gpus_ray_hands_out():
-    from embedder.distributed import actor_device
     from embedder.errors import UsageError
+    from embedder.run.ray_driver import actor_device
 
     assert actor_device("auto", 0) == "cpu"
     assert actor_device("auto", 1) == "cuda"  # asked for GPUs: no silent CPU run
@@ -196,8 +196,8 @@ def test_device_follows_the_gpus_ray_hands_out():
 
 
 def test_a_worker_error_known_only_from_its_traceback_text_keeps_its_class():
-    from embedder.distributed import _explain
     from embedder.errors import EmbedderError, InputError
+    from embedder.run.ray_driver import _explain
 
     wrapped = RuntimeError("ray::MapWorker failed\nTraceback (most recent call last):\n  ...\n"
                            "embedder.errors.InputError: column 'text' holds bytes that are not valid UTF-8")

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from test_job import make_corpus
 
-from embedder.checkpoint import WorkFolder
+from embedder.io.workfolder import WorkFolder
 from jobs.embed import main as embed_main
 
 ROOT = Path(__file__).resolve().parents[1]

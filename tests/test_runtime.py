@@ -6,7 +6,7 @@ import pytest
 
 from embedder.config import PRECISIONS, ExportOptions, JobConfig
 from embedder.errors import UsageError
-from embedder.runtime import resolve_kind
+from embedder.infer.session import resolve_kind
 
 CASES = [
     # (precision, --device, kind tried)
@@ -30,11 +30,14 @@ def test_device_kind_follows_the_precisions_graphs(precision, device, kind):
     ("fp16", "cpu", "fp16 runs on CUDA only"),
     ("fp32", "gpu", "is not one of"),
 ])
-def test_a_device_the_precision_cannot_use_is_refused_when_the_job_is_configured(tmp_path, precision, device,
-                                                                                  message):
-    with pytest.raises(UsageError, match=message):
-        JobConfig(inputs="in.parquet", output=tmp_path / "out.parquet", device=device,
-                  export=ExportOptions(precision=precision))
+def test_a_device_the_precision_cannot_use_is_refused_before_any_work(tmp_path, precision, device, message):
+    from embedder.run.local import run
+
+    config = JobConfig(inputs=str(tmp_path / "missing.parquet"), output=tmp_path / "out.parquet", device=device,
+                       export=ExportOptions(precision=precision), cache_dir=tmp_path / "cache")
+    with pytest.raises(UsageError, match=message):  # not the missing input, not an export: the device comes first
+        run(config)
+    assert not (tmp_path / "cache").exists()
 
 
 @pytest.mark.slow
@@ -42,8 +45,8 @@ def test_cuda_runs_warm_up_once_at_the_largest_batch_shape(exported, monkeypatch
     """Without a GPU here: a CPU session labelled CUDA shows what WindowEmbedder asks of it."""
     from dataclasses import replace
 
-    import embedder.encode as encode
-    from embedder.runtime import CUDA, create_encoder
+    import embedder.infer.window as encode
+    from embedder.infer.session import CUDA, create_encoder
 
     artifact = exported("default")
     shapes = []
@@ -70,7 +73,7 @@ def test_cuda_runs_warm_up_once_at_the_largest_batch_shape(exported, monkeypatch
 ])
 def test_each_device_opens_its_own_graph(exported, monkeypatch, device, cuda_loads, graph, provider):
     """No GPU here: sessions are CPU sessions that report the provider a GPU host would give them."""
-    import embedder.runtime as runtime
+    import embedder.infer.session as runtime
 
     artifact = exported("default")
     opened = []

@@ -1,4 +1,4 @@
-"""embedder.spec: reading a model's sentence-transformers pipeline, and resolving where the model is.
+"""embedder.model.spec: reading a model's sentence-transformers pipeline, and resolving where the model is.
 
 Most folders here hold only the JSON that load_spec reads; sentence-transformers' own Pooling class
 is the oracle for how each pooling config form must be read.
@@ -22,7 +22,13 @@ from models import (
 )
 
 from embedder.errors import EXIT_USAGE, ModelNotFoundError, UnsupportedModelError
-from embedder.spec import DenseSpec, Pooling, load_spec, parse_pooling, resolve_model_path
+from embedder.model.spec import (
+    DenseSpec,
+    Pooling,
+    load_spec,
+    parse_pooling,
+    resolve_model_path,
+)
 from jobs.export import main as export_main
 
 LEGACY_ALL_FALSE = {
@@ -233,7 +239,7 @@ def test_content_hash_covers_weights_and_configs_but_not_docs_or_onnx(tmp_path):
 
 def test_plain_checkpoint_warns_and_uses_mean_pooling(model_zoo, caplog):
     path = model_zoo.path("plain_bert")
-    with caplog.at_level(logging.WARNING, logger="embedder.spec"):
+    with caplog.at_level(logging.WARNING, logger="embedder.model.spec"):
         spec = load_spec(str(path))
     assert spec.pooling == (Pooling.MEAN,)
     assert not spec.sentence_transformers_config and not spec.has_normalize and not spec.dense
@@ -244,7 +250,7 @@ def test_plain_checkpoint_warns_and_uses_mean_pooling(model_zoo, caplog):
 
 
 def test_sentence_transformers_save_is_read_without_warning(model_zoo, caplog):
-    with caplog.at_level(logging.WARNING, logger="embedder.spec"):
+    with caplog.at_level(logging.WARNING, logger="embedder.model.spec"):
         spec = load_spec(str(model_zoo.path("bert")))
     assert not caplog.records
     assert spec.pooling == (Pooling.CLS,)

@@ -1,4 +1,4 @@
-"""embedder.tokenize: ids exactly as the model's own tokenizer gives them, truncated, unpadded, prompted."""
+"""embedder.infer.tokenize: ids exactly as the model's own tokenizer gives them, truncated, unpadded, prompted."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from models import LONG_TEXT, TEXTS
 from tokenizers import Tokenizer
 
 from embedder.errors import UsageError
-from embedder.spec import default_model_path
-from embedder.tokenize import TextTokenizer, resolve_prompt
+from embedder.infer.tokenize import TextTokenizer, resolve_prompt
+from embedder.model.spec import default_model_path
 
 DEFAULT_MAX = 256
 NON_LATIN = [t for t in TEXTS if any(ord(c) > 0x400 for c in t)]

@@ -1,6 +1,6 @@
 """The text every reduced-precision graph is gated on, and the comparison it must pass.
 
-int8 (embedder.quantize) and fp16 (embedder.half) graphs are compared with the fp32 graph on the
+int8 (embedder.build.quantize) and fp16 (embedder.build.half) graphs are compared with the fp32 graph on the
 docstrings of standard-library modules: real prose and code of varied length that every Python
 install has, so a build host needs no corpus to export.
 """

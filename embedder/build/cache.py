@@ -19,48 +19,18 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 from embedder.config import ExportOptions
 from embedder.errors import ExportError
-from embedder.spec import ModelSpec, hash_files
+from embedder.manifest import MANIFEST_FILE, TOKENIZER_FILE, Artifact
+from embedder.model.spec import ModelSpec, hash_files
 
 logger = logging.getLogger(__name__)
 
-GRAPH_FILE = "model.onnx"
-TOKENIZER_FILE = "tokenizer.json"
-MANIFEST_FILE = "manifest.json"
 # Bump when the exporter's output changes for the same inputs (wrapper, names, post-processing).
 EXPORT_FORMAT = 4  # 4: the CPU graph folds attention key Transposes (cpu_graph.py)
-
-
-@dataclass(frozen=True)
-class Artifact:
-    """A verified graph in the cache and what its manifest says about it."""
-
-    folder: Path
-    manifest: dict
-    hit: bool
-
-    @property
-    def graph_path(self) -> Path:
-        """The entry's main graph: the one a CPU runs, or the only one (fp16)."""
-        return self.folder / GRAPH_FILE
-
-    @property
-    def graphs(self) -> dict[str, Path]:
-        """Graph file for each device kind this entry can run on ("cpu", "cuda")."""
-        return {kind: self.folder / name for kind, name in self.manifest["graphs"].items()}
-
-    @property
-    def precision(self) -> str:
-        return self.manifest["precision"]
-
-    @property
-    def tokenizer_path(self) -> Path:
-        return self.folder / TOKENIZER_FILE
 
 
 def _sha256(payload: dict) -> str:
@@ -159,7 +129,7 @@ def get_or_export(spec: ModelSpec, options: ExportOptions, cache_dir: Path) -> A
 
 
 def _install(spec, options, model_dir: Path, exporter: str, key: str, content_hash: str, versions) -> Artifact:
-    from embedder.export import export_graph  # torch lives behind this import
+    from embedder.build.export import export_graph  # torch lives behind this import
 
     model_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=model_dir))

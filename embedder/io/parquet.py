@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import os
 import tempfile
@@ -11,17 +10,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embedder.errors import InputError, OutputError, OutputExistsError, UsageError
+from embedder.schema import EMBEDDING_COLUMN
 
 logger = logging.getLogger(__name__)
-
-EMBEDDING_COLUMN = "embedding"
-METADATA_KEY = b"embedder"
-
 
 def resolve_inputs(spec: str) -> list[Path]:
     """One Parquet file, a folder of them (recursively, in name order), or a glob."""
@@ -234,29 +229,6 @@ def _check_utf8(column: pa.Array, name: str, path: Path, first_row: int) -> None
                 f"{path}: column '{name}' holds bytes that are not valid UTF-8 (row {first_row + row}: {e.reason} "
                 f"at byte {e.start}); decode or clean the text before embedding"
             ) from None
-
-
-def output_schema(keep_schema: pa.Schema, dim: int, metadata: dict) -> pa.Schema:
-    """Carried columns, then embedding: fixed_size_list<float32>[dim]; job facts in the metadata."""
-    fields = [*keep_schema, pa.field(EMBEDDING_COLUMN, pa.list_(pa.float32(), dim))]
-    return pa.schema(fields, metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
-
-
-def embedding_array(vectors: np.ndarray, valid: np.ndarray) -> pa.FixedSizeListArray:
-    """Vectors of the valid rows (in row order) spread over all rows; invalid rows become null."""
-    rows, dim = len(valid), vectors.shape[1]
-    values = np.zeros((rows, dim), dtype=np.float32)
-    values[valid] = vectors
-    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), dim, mask=pa.array(~valid))
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file's data to disk, so a rename after it never publishes a half-written file."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def check_output(out: Path, overwrite: bool, folder: bool = False) -> None:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from embedder.config import ExportOptions
 from embedder.errors import ExportError, UnsupportedModelError
-from embedder.graph import read_graph_info
-from embedder.spec import ModelSpec, Pooling
+from embedder.infer.graph_info import read_graph_info
+from embedder.model.spec import ModelSpec, Pooling
 
 logger = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ def export_graph(spec: ModelSpec, options: ExportOptions, out_dir: Path) -> dict
 
     @functools.cache
     def gate_feeds() -> list[dict]:
-        from embedder.gate import gate_texts
+        from embedder.build.gate import gate_texts
 
         return _batches_of(gate_texts(), backend, spec, pad_id, input_names)
 
@@ -259,12 +259,12 @@ def export_graph(spec: ModelSpec, options: ExportOptions, out_dir: Path) -> dict
     cpu_rewrite = None if options.precision == "fp16" else _rewrite_for_cpu(graph_path, spec, validate)
     quantization = half = None
     if options.precision == "int8":
-        from embedder.quantize import quantize_int8
+        from embedder.build.quantize import quantize_int8
 
         quantization = quantize_int8(graph_path, lambda path: gate_vectors(path, ["CPUExecutionProvider"])[0])
         graphs = {"cpu": GRAPH_FILE}
     elif options.precision == "fp16":
-        from embedder.half import convert_fp16
+        from embedder.build.half import convert_fp16
 
         source = out_dir / graphs["cuda"]
         half = convert_fp16(source, graph_path, gate_vectors)
@@ -327,7 +327,7 @@ def _rewrite_for_cpu(graph_path: Path, spec: ModelSpec, validate) -> dict:
     Runs after the CUDA graph was fused from the plain one (the rewrite would hide attention from that
     fusion's pattern matching) and before int8 quantizes it.
     """
-    from embedder.cpu_graph import fold_key_transposes
+    from embedder.build.cpu_graph import fold_key_transposes
 
     rewritten = graph_path.with_name("model.cpu-rewrite.onnx")
     try:
@@ -356,7 +356,7 @@ def _run_graph(graph_path: Path, feeds: list[dict], providers: list[str]):
     import numpy as np
     import onnxruntime as ort
 
-    from embedder.runtime import CUDA, preload_cuda_libraries
+    from embedder.infer.session import CUDA, preload_cuda_libraries
 
     if CUDA in providers:
         preload_cuda_libraries(ort)

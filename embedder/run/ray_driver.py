@@ -1,8 +1,8 @@
 """The batch job on Ray Data: validate and export on the driver, embed in an actor pool, write a Parquet folder.
 
-The driver checks the input (embedder.io.open_inputs) and exports or fetches the graph once, then
+The driver checks the input (embedder.io.parquet.open_inputs) and exports or fetches the graph once, then
 reads the files with ray.data.read_parquet, cuts the rows into blocks of --window-rows rows, and
-maps them over EmbedActor (embedder.ray_worker), which runs the single-process job's WindowEmbedder
+maps them over EmbedActor (embedder.run.ray_actor), which runs the single-process job's WindowEmbedder
 and writes each block as a part file in a hidden staging folder beside OUT. The driver keeps the
 part files named by the results it receives (a killed and retried actor's leftovers are deleted),
 names them in input order and renames the folder to OUT. Ray is imported here lazily, never by the
@@ -29,16 +29,27 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embedder import errors
-from embedder.cache import TOKENIZER_FILE, Artifact, get_or_export
+from embedder.build.cache import get_or_export
 from embedder.config import PRECISIONS, JobConfig, default_cache_dir
-from embedder.encode import BatchingOptions, make_tokenizer
-from embedder.errors import EmbedderError, InputError, Interrupted, OutputError, OutputExistsError, UsageError
-from embedder.io import InputSet, check_output, open_inputs, output_schema
-from embedder.job import build_file_metadata
-from embedder.metrics import Metrics, Progress, summary_line, write_json_atomic
-from embedder.ray_worker import EmbedActor, GraphSource, WorkerOptions
-from embedder.runtime import resolve_kind
-from embedder.spec import load_spec
+from embedder.errors import (
+    EmbedderError,
+    InputError,
+    Interrupted,
+    OutputError,
+    OutputExistsError,
+    UsageError,
+)
+from embedder.infer.session import resolve_kind
+from embedder.infer.window import BatchingOptions, make_tokenizer
+from embedder.io.atomic import write_json_atomic
+from embedder.io.parquet import InputSet, check_output, open_inputs
+from embedder.manifest import TOKENIZER_FILE, Artifact
+from embedder.metrics import Metrics, summary_line
+from embedder.model.spec import load_spec
+from embedder.run.local import build_file_metadata
+from embedder.run.ray_actor import EmbedActor, GraphSource, WorkerOptions
+from embedder.run.report import Progress
+from embedder.schema import output_schema
 
 logger = logging.getLogger(__name__)
 

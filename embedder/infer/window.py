@@ -10,15 +10,14 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pyarrow as pa
 
-from embedder.batching import pad_batch, plan_batches
-from embedder.cache import Artifact
 from embedder.errors import UnsupportedModelError, UsageError
-from embedder.faults import crash_point
-from embedder.io import EMBEDDING_COLUMN, embedding_array
+from embedder.hooks import crash_point
+from embedder.infer.batching import pad_batch, plan_batches
+from embedder.infer.session import CPU, CUDA, Encoder, create_encoder
+from embedder.infer.tokenize import TextTokenizer, TokenizedWindow, resolve_prompt
+from embedder.manifest import Artifact
 from embedder.metrics import Metrics
-from embedder.runtime import CPU, CUDA, Encoder, create_encoder
-from embedder.tokenize import TextTokenizer, TokenizedWindow, resolve_prompt
-
+from embedder.schema import EMBEDDING_COLUMN, embedding_array
 
 # Padded tokens per batch when none is asked for. On the CPU, 512 to 1024 tokens form a plateau
 # (within 2.2%) at 1.36-1.39x the rate of 16384 and ahead of 2048 (1.27x): the batch's activations stay

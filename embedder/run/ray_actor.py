@@ -24,13 +24,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from embedder.cache import MANIFEST_FILE, Artifact
-from embedder.encode import BatchingOptions, WindowEmbedder
 from embedder.errors import EmbedderError, ExportError, InputError, OutputError
-from embedder.faults import crash_once
-from embedder.io import fsync_path
+from embedder.hooks import crash_once
+from embedder.infer.window import BatchingOptions, WindowEmbedder
+from embedder.io.atomic import fsync_path
+from embedder.manifest import MANIFEST_FILE, Artifact
 from embedder.metrics import Metrics, peak_rss_mb
-from embedder.spec import hash_files
+from embedder.model.spec import hash_files
 
 logger = logging.getLogger(__name__)
 

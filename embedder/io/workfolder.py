@@ -20,9 +20,16 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from embedder.errors import InputError, LockedError, OutputError, OutputExistsError, UsageError
-from embedder.faults import crash_point
-from embedder.io import ParquetOutput, fsync_path
+from embedder.errors import (
+    InputError,
+    LockedError,
+    OutputError,
+    OutputExistsError,
+    UsageError,
+)
+from embedder.hooks import crash_point
+from embedder.io.atomic import fsync_path, write_bytes_atomic
+from embedder.io.parquet import ParquetOutput
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +90,7 @@ class WorkFolder:
         if stored is None:
             if require_resume:
                 raise UsageError(f"--resume: there is no progress to resume in {self.path}")
-            _write_atomic(stored_file, json.dumps(fingerprint, indent=2, sort_keys=True).encode())
+            write_bytes_atomic(stored_file, json.dumps(fingerprint, indent=2, sort_keys=True).encode())
         elif committed:
             logger.info("resuming: %d windows already committed in %s", committed, self.path)
         return committed
@@ -150,10 +157,3 @@ class WorkFolder:
                 shutil.rmtree(child)
             else:
                 child.unlink()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    fsync_path(tmp)
-    os.replace(tmp, path)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from embedder.build.gate import row_cosines
 from embedder.errors import ExportError
-from embedder.gate import row_cosines
 
 logger = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from embedder.build.gate import row_cosines
 from embedder.errors import ExportError
-from embedder.gate import row_cosines
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def convert_fp16(source: Path, target: Path, embed: Callable[[Path, list[str]], 
     import onnx
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    from embedder.runtime import CPU, CUDA, cuda_problem
+    from embedder.infer.session import CPU, CUDA, cuda_problem
 
     model = OnnxModel(onnx.load(str(source)))
     kept = pooling_nodes(model.model.graph)

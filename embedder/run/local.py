@@ -1,6 +1,6 @@
 """The batch job: Parquet rows -> windows -> token ids -> length-sorted batches -> vectors -> Parquet.
 
-Each window is committed to the work folder as soon as it is embedded (see checkpoint.py), so a
+Each window is committed to the work folder as soon as it is embedded (see io/workfolder.py), so a
 killed job resumes where it stopped; OUT appears only when every window is in.
 """
 
@@ -16,16 +16,21 @@ from pathlib import Path
 import pyarrow as pa
 
 from embedder import __version__
-from embedder.cache import Artifact, get_or_export
-from embedder.checkpoint import WorkFolder
-from embedder.config import JobConfig, default_cache_dir
-from embedder.encode import BatchingOptions, WindowEmbedder
+from embedder.build.cache import get_or_export
+from embedder.config import PRECISIONS, JobConfig, default_cache_dir
 from embedder.errors import Interrupted
-from embedder.faults import crash_point
-from embedder.io import InputSet, check_output, iter_record_batches, open_inputs, output_schema
-from embedder.metrics import Metrics, Progress, summary_line, write_json_atomic
-from embedder.spec import load_spec
-from embedder.tokenize import TextTokenizer
+from embedder.hooks import crash_point
+from embedder.infer.session import resolve_kind
+from embedder.infer.tokenize import TextTokenizer
+from embedder.infer.window import BatchingOptions, WindowEmbedder
+from embedder.io.atomic import write_json_atomic
+from embedder.io.parquet import InputSet, check_output, iter_record_batches, open_inputs
+from embedder.io.workfolder import WorkFolder
+from embedder.manifest import Artifact
+from embedder.metrics import Metrics, summary_line
+from embedder.model.spec import load_spec
+from embedder.run.report import Progress
+from embedder.schema import output_schema
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +38,8 @@ logger = logging.getLogger(__name__)
 def run(config: JobConfig) -> dict:
     """Embed every row of config.inputs (or of its shard) into config.output; return the metrics."""
     metrics = Metrics()
+    # Refuse a device the precision cannot run on now, not after an export.
+    resolve_kind(PRECISIONS[config.export.precision], config.device, config.export.precision)
     check_output(config.output, config.overwrite)
     inputs = open_inputs(config.inputs, config.text_col, list(config.keep_cols) if config.keep_cols is not None else None)
     inputs = inputs.shard(*config.shard)

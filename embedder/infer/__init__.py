@@ -1,0 +1,1 @@
+"""Run a graph: devices and sessions, tokenizer, token-budget batches, the window embedder (never imports torch)."""

@@ -1,0 +1,1 @@
+"""Resolve a model and read its sentence-transformers pipeline into a ModelSpec (no torch)."""
