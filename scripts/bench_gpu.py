@@ -62,7 +62,7 @@ def model_folder(model: str, work: Path, layers: int) -> Path:
     if model == "bert-base":
         return build_model(work, layers)
     if model == "default":
-        from embedder.spec import default_model_path
+        from embedder.model.spec import default_model_path
 
         return default_model_path()
     return Path(model)

@@ -107,7 +107,7 @@ def check_providers() -> dict:
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from embedder.runtime import CUDA, cuda_device_count, preload_cuda_libraries
+    from embedder.infer.session import CUDA, cuda_device_count, preload_cuda_libraries
 
     figures = {"onnxruntime": ort.__version__, "onnxruntime_file": ort.__file__,
                "available_providers": ort.get_available_providers(), "cuda_devices": cuda_device_count()}
@@ -153,9 +153,9 @@ def io_binding_probe(cache: Path, rows: int) -> dict:
     from bench_common import padded_batches
 
     from embedder import ExportOptions, get_or_export, load_spec
-    from embedder.encode import DEFAULT_MAX_TOKENS
-    from embedder.runtime import CUDA, create_encoder
-    from embedder.tokenize import TextTokenizer
+    from embedder.infer.window import DEFAULT_MAX_TOKENS
+    from embedder.infer.session import CUDA, create_encoder
+    from embedder.infer.tokenize import TextTokenizer
 
     artifact = get_or_export(load_spec(None), ExportOptions(precision="fp16"), cache)
     encoder = create_encoder(artifact.graphs, "cuda", precision="fp16")
