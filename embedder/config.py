@@ -8,10 +8,10 @@ from pathlib import Path
 from embedder.errors import UsageError
 from embedder.model.spec import Pooling
 
-# Each precision and the device kinds its graphs run on. int8 uses CPU-only kernels; fp16 is for
-# CUDA (on the CPU onnxruntime casts much of it back to fp32, so it would not be the fp16 measured by
-# the gate on a GPU host). Both are gated against fp32 at export.
-PRECISIONS = {"fp32": ("cpu", "cuda"), "int8": ("cpu",), "fp16": ("cuda",)}
+# Graph precisions. Which device kinds run each is the device table's (infer/devices.py): int8 uses
+# CPU-only kernels; fp16 is for CUDA (on the CPU onnxruntime casts much of it back to fp32, so it would
+# not be the fp16 measured by the gate on a GPU host). Both are gated against fp32 at export.
+PRECISIONS = ("fp32", "int8", "fp16")
 DEFAULT_OPSET = 17
 
 

@@ -50,12 +50,11 @@ def main() -> int:
         run_all,
     )
 
-    from embedder.infer.session import CPU
-    from embedder.infer.window import DEFAULT_MAX_TOKENS
+    from embedder.infer.devices import DEVICE_KINDS
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=2000)
-    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS[CPU], help="default: the job's CPU budget")
+    p.add_argument("--max-tokens", type=int, default=DEVICE_KINDS["cpu"].default_max_tokens, help="default: the job's CPU budget")
     p.add_argument("--repeats", type=int, default=6)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()

@@ -107,11 +107,11 @@ def check_providers() -> dict:
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from embedder.infer.session import CUDA, cuda_device_count, preload_cuda_libraries
+    from embedder.infer.devices import CUDA, cuda_device_count, preload_cuda_libraries
 
     figures = {"onnxruntime": ort.__version__, "onnxruntime_file": ort.__file__,
                "available_providers": ort.get_available_providers(), "cuda_devices": cuda_device_count()}
-    preload_cuda_libraries(ort)
+    preload_cuda_libraries()
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])
     graph = helper.make_graph([helper.make_node("Add", ["x", "x"], ["y"])], "double", [x], [y])
@@ -149,18 +149,17 @@ def io_binding_probe(cache: Path, rows: int) -> dict:
     """session.run (numpy in, numpy out) against IO binding (ids already on the GPU, vectors left there)."""
     import numpy as np
     import onnxruntime as ort
-
     from bench_common import padded_batches
 
     from embedder import ExportOptions, get_or_export, load_spec
-    from embedder.infer.window import DEFAULT_MAX_TOKENS
-    from embedder.infer.session import CUDA, create_encoder
+    from embedder.infer.devices import DEVICE_KINDS
+    from embedder.infer.session import create_encoder
     from embedder.infer.tokenize import TextTokenizer
 
     artifact = get_or_export(load_spec(None), ExportOptions(precision="fp16"), cache)
     encoder = create_encoder(artifact.graphs, "cuda", precision="fp16")
     tokens = TextTokenizer(artifact.tokenizer_path, artifact.manifest["max_seq_length"]).encode(docstring_texts(rows))
-    batches = padded_batches(artifact, tokens, DEFAULT_MAX_TOKENS[CUDA])
+    batches = padded_batches(artifact, tokens, DEVICE_KINDS["cuda"].default_max_tokens)
     session = encoder.session
     has_types = "token_type_ids" in encoder.input_names
 

@@ -477,7 +477,8 @@ def onnx_vectors(artifact, texts: list[str], max_tokens: int = 256, max_batch_si
     graph on the CPU provider; "cuda" must really get CUDA): TextTokenizer -> plan_batches -> pad_batch ->
     Encoder, in input order."""
     from embedder.infer.batching import pad_batch, plan_batches
-    from embedder.infer.session import CUDA, create_encoder
+    from embedder.infer.devices import CUDA
+    from embedder.infer.session import create_encoder
     from embedder.infer.tokenize import TextTokenizer, resolve_prompt
 
     manifest = artifact.manifest

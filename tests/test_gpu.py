@@ -38,7 +38,7 @@ GPU_TEXTS = TEXTS + corpus_lines()[:300]
 @pytest.fixture(scope="module")
 def cuda_devices() -> int:
     """The number of CUDA devices; skips the test where onnxruntime cannot use CUDA here."""
-    from embedder.infer.session import cuda_device_count, cuda_problem
+    from embedder.infer.devices import cuda_device_count, cuda_problem
 
     reason = cuda_problem()
     if reason is not None:

@@ -14,11 +14,11 @@ import pytest
 from models import TEXTS, cosines, onnx_vectors
 
 import embedder.build.half as half
-import embedder.infer.session as runtime
+import embedder.infer.devices as devices
 from embedder import ExportOptions, get_or_export, load_spec
 from embedder.errors import EXIT_RUNTIME, EXIT_USAGE, ExportError
+from embedder.infer.devices import CPU, CUDA
 from embedder.infer.graph_info import read_graph_info
-from embedder.infer.session import CPU, CUDA
 from jobs.embed import main as embed_main
 
 pytestmark = pytest.mark.slow
@@ -53,7 +53,7 @@ def test_fp16_graph_is_half_inside_and_fp32_at_its_edges(exported):
     gate = manifest["fp16"]["gate"]
     assert gate["min_cosine"] >= gate["threshold"] == 0.999 and gate["texts"] >= 32
     # The provider that really ran the gate: the CPU where CUDA cannot run, as here.
-    assert gate["provider"] == (CPU if runtime.cuda_problem() else CUDA)
+    assert gate["provider"] == (CPU if devices.cuda_problem() else CUDA)
 
 
 @pytest.mark.parametrize("family", ["bert", "roberta"])  # CLS + Dense + normalize; mean pooling, no normalize
@@ -79,7 +79,7 @@ def test_fp16_that_cannot_pass_the_gate_is_refused(model_zoo, tmp_path, monkeypa
 def test_fp16_without_cuda_is_refused(exported, model_zoo, export_cache_dir, tmp_path, capsys, monkeypatch,
                                       device, code, message):
     exported("bert", precision="fp16")  # the graph is cached: the refusal is about the device, not the export
-    monkeypatch.setattr(runtime, "cuda_device_count", lambda: "no NVIDIA driver (simulated)")
+    monkeypatch.setattr(devices, "cuda_device_count", lambda: "no NVIDIA driver (simulated)")
     corpus = tmp_path / "in.parquet"
     pq.write_table(pa.table({"text": ["a", "b"]}), corpus)
     rc = embed_main(["--in", str(corpus), "--out", str(tmp_path / "out.parquet"), "--precision", "fp16",

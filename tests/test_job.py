@@ -241,9 +241,9 @@ def test_bad_input_in_a_subprocess_prints_no_traceback(not_parquet, tmp_path):
 
 
 def test_explicit_cuda_without_cuda_is_an_error_not_a_cpu_run(body_only, tmp_path, job_cache, capsys, monkeypatch):
-    import embedder.infer.session as runtime
+    import embedder.infer.devices as devices
 
-    monkeypatch.setattr(runtime, "cuda_device_count", lambda: "no NVIDIA driver (simulated)")
+    monkeypatch.setattr(devices, "cuda_device_count", lambda: "no NVIDIA driver (simulated)")
     out = tmp_path / "out.parquet"
     rc = embed_main(["--in", str(body_only), "--text-col", "body", "--out", str(out), "--cache-dir", str(job_cache),
                      "--device", "cuda"])

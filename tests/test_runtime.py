@@ -1,28 +1,60 @@
-"""Which device kind a run tries, from --device and the kinds a precision's graphs exist for."""
+"""The device table: which kinds a run tries, from --device and the kinds a precision runs on."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
-from embedder.config import PRECISIONS, ExportOptions, JobConfig
-from embedder.errors import UsageError
-from embedder.infer.session import resolve_kind
+from embedder.config import ExportOptions, JobConfig
+from embedder.errors import DeviceError, UsageError
+from embedder.infer.devices import DEVICE_KINDS, Device, candidates
 
 CASES = [
-    # (precision, --device, kind tried)
-    ("fp32", "auto", "auto"),
-    ("fp32", "cpu", "cpu"),
-    ("fp32", "cuda:1", "cuda"),
-    ("int8", "auto", "cpu"),  # nothing for CUDA: auto is the CPU
-    ("int8", "cpu", "cpu"),
-    ("fp16", "auto", "cuda"),  # nothing for the CPU: auto must get CUDA or fail
-    ("fp16", "cuda", "cuda"),
+    # (precision, --device, kinds tried in order: the last one's failure is an error)
+    ("fp32", "auto", ["cuda", "cpu"]),
+    ("fp32", "cpu", ["cpu"]),
+    ("fp32", "cuda:1", ["cuda"]),
+    ("int8", "auto", ["cpu"]),  # nothing for CUDA: auto is the CPU
+    ("int8", "cpu", ["cpu"]),
+    ("fp16", "auto", ["cuda"]),  # nothing for the CPU: auto must get CUDA or fail
+    ("fp16", "cuda", ["cuda"]),
 ]
 
 
-@pytest.mark.parametrize(("precision", "device", "kind"), CASES)
-def test_device_kind_follows_the_precisions_graphs(precision, device, kind):
-    assert resolve_kind(PRECISIONS[precision], device, precision) == kind
+@pytest.mark.parametrize(("precision", "device", "kinds"), CASES)
+def test_device_kinds_follow_the_precision(precision, device, kinds):
+    assert [kind.name for kind in candidates(device, precision)] == kinds
+
+
+@pytest.mark.parametrize(("text", "parsed"), [("auto", Device("auto")), ("CPU", Device("cpu")),
+                                              ("cuda", Device("cuda", 0)), (" cuda:3 ", Device("cuda", 3))])
+def test_device_parses_once(text, parsed):
+    assert Device.parse(text) == parsed
+
+
+@pytest.mark.parametrize("text", ["gpu", "cpu:1", "auto:0", "cuda:x", ""])
+def test_a_device_outside_the_table_is_refused_naming_the_valid_ones(text):
+    with pytest.raises(UsageError, match="is not one of: auto, cuda, cuda:N, cpu|auto takes no index"):
+        Device.parse(text)
+
+
+def test_a_new_row_is_all_it_takes_to_add_a_device_kind(exported, monkeypatch):
+    """An execution provider added as one row: --device names it, precisions follow it, sessions open on it."""
+    from embedder.infer.session import create_encoder
+
+    row = replace(DEVICE_KINDS["cpu"], name="other", label="another CPU", precisions=("fp32",),
+                  default_max_tokens=333)
+    monkeypatch.setitem(DEVICE_KINDS, "other", row)
+    assert [k.name for k in candidates("auto", "fp32")] == ["cuda", "cpu", "other"]
+    assert [k.name for k in candidates("other", "fp32")] == ["other"]
+    with pytest.raises(UsageError, match="--precision int8 runs on the CPU provider only"):
+        candidates("other", "int8")
+    artifact = exported("bert")
+    encoder = create_encoder({"other": artifact.graphs["cpu"]}, "other")
+    assert encoder.kind is row and encoder.device == "other" and encoder.provider == "CPUExecutionProvider"
+    with pytest.raises(DeviceError, match="no graph for cpu"):
+        create_encoder({"other": artifact.graphs["cpu"]}, "cpu")
 
 
 @pytest.mark.parametrize(("precision", "device", "message"), [
@@ -43,17 +75,15 @@ def test_a_device_the_precision_cannot_use_is_refused_before_any_work(tmp_path, 
 @pytest.mark.slow
 def test_cuda_runs_warm_up_once_at_the_largest_batch_shape(exported, monkeypatch):
     """Without a GPU here: a CPU session labelled CUDA shows what WindowEmbedder asks of it."""
-    from dataclasses import replace
-
     import embedder.infer.window as encode
-    from embedder.infer.session import CUDA, create_encoder
+    from embedder.infer.session import create_encoder
 
     artifact = exported("default")
     shapes = []
     real_create = create_encoder
 
     def labelled_cuda(graphs, device, threads, precision):
-        encoder = replace(real_create(graphs, "cpu", threads, precision), provider=CUDA, device="cuda:0")
+        encoder = replace(real_create(graphs, "cpu", threads, precision), kind=DEVICE_KINDS["cuda"], device="cuda:0")
         original = encoder.warm_up
         encoder.warm_up = lambda rows, length: (shapes.append((rows, length)), original(rows, length))
         return encoder
@@ -95,7 +125,7 @@ def test_each_device_opens_its_own_graph(exported, monkeypatch, device, cuda_loa
         got = asked if cuda_loads else [runtime.CPU]
         return Reported(real_session(ort, path, [runtime.CPU], threads), got)
 
-    monkeypatch.setattr(runtime, "cuda_problem", lambda index=0: None)
+    monkeypatch.setitem(DEVICE_KINDS, "cuda", replace(DEVICE_KINDS["cuda"], problem=lambda index: None))
     monkeypatch.setattr(runtime, "_session", session)
     encoder = runtime.create_encoder(artifact.graphs, device)
     assert encoder.provider == provider and encoder.graph == artifact.graphs[graph] == opened[-1]

@@ -244,8 +244,8 @@ def export_graph(spec: ModelSpec, options: ExportOptions, out_dir: Path) -> dict
 
         return _batches_of(gate_texts(), backend, spec, pad_id, input_names)
 
-    def gate_vectors(path: Path, providers: list[str]):
-        return _run_graph(path, gate_feeds(), providers)
+    def gate_vectors(path: Path, kind: str):
+        return _run_graph(path, gate_feeds(), kind)
 
     validation = validate(graph_path)
     fused_path = out_dir / FUSED_FILE
@@ -261,7 +261,7 @@ def export_graph(spec: ModelSpec, options: ExportOptions, out_dir: Path) -> dict
     if options.precision == "int8":
         from embedder.build.quantize import quantize_int8
 
-        quantization = quantize_int8(graph_path, lambda path: gate_vectors(path, ["CPUExecutionProvider"])[0])
+        quantization = quantize_int8(graph_path, lambda path: gate_vectors(path, "cpu")[0])
         graphs = {"cpu": GRAPH_FILE}
     elif options.precision == "fp16":
         from embedder.build.half import convert_fp16
@@ -351,16 +351,19 @@ def _batches_of(texts: list[str], backend, spec: ModelSpec, pad_id: int, input_n
             for i in range(0, len(texts), size)]
 
 
-def _run_graph(graph_path: Path, feeds: list[dict], providers: list[str]):
-    """(vectors for the feeds, the provider that really ran them: onnxruntime may fall back to the CPU)."""
+def _run_graph(graph_path: Path, feeds: list[dict], kind: str = "cpu"):
+    """(vectors for the feeds, the provider that ran them): on `kind` of the device table where it loads here,
+    else on the CPU."""
     import numpy as np
-    import onnxruntime as ort
 
-    from embedder.infer.session import CUDA, preload_cuda_libraries
+    from embedder.infer.devices import DEVICE_KINDS
+    from embedder.infer.session import open_session
 
-    if CUDA in providers:
-        preload_cuda_libraries(ort)
-    session = ort.InferenceSession(str(graph_path), providers=providers)
+    session, _ = open_session(graph_path, DEVICE_KINDS[kind])
+    if session is None:
+        session, reason = open_session(graph_path, DEVICE_KINDS["cpu"])
+        if session is None:
+            raise ExportError(f"cannot run {graph_path.name} to validate it: {reason}")
     return np.concatenate([session.run([OUTPUT_NAME], f)[0] for f in feeds]), session.get_providers()[0]
 
 

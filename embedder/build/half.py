@@ -50,11 +50,12 @@ def _drop_duplicate_nodes(graph) -> None:
     graph.node.extend(unique)
 
 
-def convert_fp16(source: Path, target: Path, embed: Callable[[Path, list[str]], tuple[np.ndarray, str]],
+def convert_fp16(source: Path, target: Path, embed: Callable[[Path, str], tuple[np.ndarray, str]],
                  min_cosine: float | None = None) -> dict:
     """Write the fp16 version of source to target if it passes the gate; return the manifest figures.
 
-    embed(path, providers) runs a graph on the gate texts and returns (vectors, the provider that ran).
+    embed(path, kind) runs a graph on the gate texts on that device kind ("cpu", "cuda"; the CPU where
+    the kind does not load) and returns (vectors, the provider that ran).
     The gate runs on CUDA where it works here, else on the CPU, where onnxruntime computes some fp16
     nodes in fp32: the manifest says which. min_cosine defaults to MIN_COSINE.
     """
@@ -62,7 +63,7 @@ def convert_fp16(source: Path, target: Path, embed: Callable[[Path, list[str]], 
     import onnx
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    from embedder.infer.session import CPU, CUDA, cuda_problem
+    from embedder.infer.devices import DEVICE_KINDS
 
     model = OnnxModel(onnx.load(str(source)))
     kept = pooling_nodes(model.model.graph)
@@ -72,9 +73,8 @@ def convert_fp16(source: Path, target: Path, embed: Callable[[Path, list[str]], 
     try:
         model.save_model_to_file(str(trial))
         onnx.checker.check_model(str(trial))
-        providers = [CPU] if cuda_problem() else [CUDA, CPU]
-        reference, _ = embed(source, [CPU])
-        candidate, provider = embed(trial, providers)
+        reference, _ = embed(source, "cpu")
+        candidate, provider = embed(trial, "cuda" if DEVICE_KINDS["cuda"].problem(0) is None else "cpu")
         cosines = row_cosines(candidate, reference)
         if cosines.min() < min_cosine:
             raise ExportError(f"fp16 graph fails its gate: min cosine {cosines.min():.5f} against fp32 on "

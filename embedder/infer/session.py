@@ -1,30 +1,18 @@
-"""onnxruntime session on the requested device, checked after creation."""
+"""onnxruntime sessions on the device kinds of the device table, checked after creation."""
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from embedder.errors import DeviceError, UsageError
+from embedder.errors import DeviceError
+from embedder.infer.devices import CPU, DEVICE_KINDS, Device, DeviceKind, candidates
 
 logger = logging.getLogger(__name__)
-
-CUDA = "CUDAExecutionProvider"
-CPU = "CPUExecutionProvider"
-_DEVICE = re.compile(r"^(auto|cpu|cuda)(?::(\d+))?$")
-
-
-def parse_device(device: str) -> tuple[str, int]:
-    """'auto', 'cpu', 'cuda' or 'cuda:N' -> (kind, index)."""
-    match = _DEVICE.match(device.strip().lower())
-    if not match or (match.group(2) is not None and match.group(1) != "cuda"):
-        raise UsageError(f"device '{device}' is not one of: auto, cpu, cuda, cuda:N")
-    return match.group(1), int(match.group(2) or 0)
 
 
 @dataclass
@@ -33,10 +21,14 @@ class Encoder:
 
     session: object
     input_names: tuple[str, ...]
-    provider: str
-    device: str
+    kind: DeviceKind  # the row of the device table it runs on
+    device: str  # "cpu", "cuda:0"
     dim: int
     graph: Path  # the file the session runs (an entry has one per device kind)
+
+    @property
+    def provider(self) -> str:
+        return self.kind.provider
 
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         # Plain session.run, also on CUDA: what crosses to the device per batch is two int64 id arrays
@@ -48,7 +40,7 @@ class Encoder:
         return self.session.run(["sentence_embedding"], feeds)[0]
 
     def warm_up(self, rows: int, length: int) -> None:
-        """Run one batch of the largest shape the job will feed, before the first real one.
+        """Run one batch of the largest shape the job will feed, before the first real one (DeviceKind.warm_up).
 
         On CUDA the first run loads kernels and the memory arena grows to the shapes it sees; doing it
         once at the peak shape keeps both out of the timed batches and the arena from growing later.
@@ -69,125 +61,59 @@ def _session(ort, graph: Path, providers: list, threads: int | None):
     return ort.InferenceSession(str(graph), sess_options=options, providers=providers)
 
 
-def _cuda_provider(index: int) -> tuple[str, dict]:
-    options = {
-        "device_id": index,
-        # kSameAsRequested keeps the arena from doubling on every new batch shape.
-        "arena_extend_strategy": "kSameAsRequested",
-        # onnxruntime's CUDA provider runs fp32 matrix products in TF32 unless told not to; torch does not
-        # (torch.backends.cuda.matmul.allow_tf32 is off by default), so fp32 keeps full precision to give
-        # sentence-transformers' vectors. fp16 graphs do not use TF32 either way.
-        "use_tf32": 0,
-    }
-    return (CUDA, options)
+def open_session(graph: Path, kind: DeviceKind, index: int = 0, threads: int | None = None):
+    """A session for graph on device `index` of this kind, or the reason there is none.
 
+    Returns (session, None) when the session really runs on kind's provider, else (None, why): onnxruntime
+    falls back to the CPU without a word, so the provider it took is checked here.
+    """
+    import onnxruntime as ort
 
-def cuda_device_count() -> int | str:
-    """How many CUDA devices the NVIDIA driver shows, or why it shows none (asked before onnxruntime logs errors)."""
-    import ctypes
-
+    reason = kind.problem(index)
+    if reason is not None:
+        return None, reason
+    kind.prepare()
+    providers = [(kind.provider, kind.options(index))] + ([CPU] if kind.provider != CPU else [])
     try:
-        driver = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return "no NVIDIA driver on this machine (libcuda.so.1 not found)"
-    count = ctypes.c_int(0)
-    status = driver.cuInit(0)
-    if status == 0:
-        status = driver.cuDeviceGetCount(ctypes.byref(count))
-    if status != 0:
-        return f"the NVIDIA driver could not start CUDA (CUresult {status})"
-    if count.value == 0:
-        return "the NVIDIA driver shows no CUDA device (check CUDA_VISIBLE_DEVICES)"
-    return count.value
+        session = _session(ort, graph, providers, threads)
+    except Exception as e:  # onnxruntime raises its own RuntimeError subclasses (e.g. a CUDA failure)
+        return None, f"onnxruntime could not create a {kind.label} session: {_first_line(e)}"
+    if session.get_providers()[0] != kind.provider:
+        return None, (f"onnxruntime's {kind.provider} did not load (for CUDA: an NVIDIA driver, CUDA 13 and cuDNN 9 "
+                      "libraries on the library path; onnxruntime logged the details above)")
+    return session, None
 
 
-def cuda_problem(index: int = 0) -> str | None:
-    """Why onnxruntime's CUDA provider cannot run on device `index` here, or None if it may (the session decides)."""
-    import onnxruntime as ort
+def create_encoder(graphs: dict[str, Path] | str | os.PathLike, device: str | Device = "auto",
+                   threads: int | None = None, precision: str = "fp32") -> Encoder:
+    """A session on the device kind --device asks for, running the graph of that kind.
 
-    available = ort.get_available_providers()
-    if CUDA not in available:
-        return f"this onnxruntime build has no CUDA provider (it has: {', '.join(available)}); install onnxruntime-gpu"
-    count = cuda_device_count()
-    if isinstance(count, str):
-        return count
-    if index >= count:
-        shown = ", ".join(f"cuda:{i}" for i in range(count))
-        return f"this machine has {count} CUDA device{'s' if count > 1 else ''} ({shown})"
-    return None
-
-
-def preload_cuda_libraries(ort) -> None:
-    """Load CUDA and cuDNN from the nvidia-* pip wheels (onnxruntime-gpu[cuda,cudnn]) when installed."""
-    preload = getattr(ort, "preload_dlls", None)
-    if preload is not None:
-        try:
-            preload()
-        except Exception as e:  # a system CUDA install may still serve; the session check decides
-            logger.debug("onnxruntime.preload_dlls: %s", e)
-
-
-_ADVICE = {"cpu": "use --device cpu, or another precision on CUDA", "cuda": "use --device cuda, or fp32 on the CPU"}
-
-
-def resolve_kind(kinds, device: str, precision: str, advice: dict[str, str] = _ADVICE) -> str:
-    """What to try for --device (cpu, cuda or auto) when graphs exist only for these device kinds.
-
-    advice["cpu"] and advice["cuda"] finish the error for a precision that runs only there.
+    graphs maps device kinds ("cpu", "cuda") to graph files (a cache entry's Artifact.graphs); one path
+    serves every kind. `auto` tries the kinds in the device table's order and falls back to the next only
+    while one is left; asking for a kind and not getting it raises DeviceError, never a silent CPU run.
     """
-    kind, _ = parse_device(device)
-    if "cuda" not in kinds:
-        if kind == "cuda":
-            raise UsageError(f"--precision {precision} runs on the CPU provider only; {advice['cpu']}")
-        return "cpu"  # auto: this graph has nothing for CUDA
-    if "cpu" not in kinds:
-        if kind == "cpu":
-            raise UsageError(f"--precision {precision} runs on CUDA only; {advice['cuda']}")
-        return "cuda"  # auto: failing to get CUDA is now an error, not a silent CPU run
-    return kind
-
-
-def create_encoder(graphs: dict[str, Path] | str | os.PathLike, device: str = "auto", threads: int | None = None,
-                   precision: str = "fp32") -> Encoder:
-    """A session on CUDA or CPU for the graph of that kind; asking for CUDA and not getting it raises DeviceError.
-
-    graphs maps "cpu" and/or "cuda" to a graph file (a cache entry's Artifact.graphs); one path serves both.
-    """
-    import onnxruntime as ort
-
+    asked = device.strip() if isinstance(device, str) else str(device)  # as the user wrote it, for messages
+    device = Device.parse(device)
     if isinstance(graphs, (str, os.PathLike)):
-        graphs = {"cpu": Path(graphs), "cuda": Path(graphs)}
-    asked, index = parse_device(device)
-    kind = resolve_kind(graphs, device, precision)
-    if kind in ("cuda", "auto"):
-        reason = cuda_problem(index)
-        if reason is None:
-            preload_cuda_libraries(ort)
-            try:
-                session = _session(ort, graphs["cuda"], [_cuda_provider(index), CPU], threads)
-            except Exception as e:  # onnxruntime raises its own RuntimeError subclasses (e.g. a CUDA failure)
-                session, reason = None, f"onnxruntime could not create a CUDA session: {_first_line(e)}"
-            if session is not None and session.get_providers()[0] == CUDA:
-                logger.info("running on CUDA device %d", index)
-                return _encoder(session, CUDA, f"cuda:{index}", graphs["cuda"])
-            reason = reason or (
-                "onnxruntime's CUDA provider did not load (it needs an NVIDIA driver, CUDA 13 and cuDNN 9 "
-                "libraries on the library path; onnxruntime logged the details above)"
-            )
-        if kind == "cuda":
-            why = f"--device {device}" if asked == "cuda" else f"--precision {precision} needs CUDA"
+        graphs = dict.fromkeys(DEVICE_KINDS, Path(graphs))
+    tried = [kind for kind in candidates(device, precision) if kind.name in graphs]
+    if not tried:
+        raise DeviceError(f"no graph for {device}: the entry has graphs for {', '.join(graphs)}")
+    for kind in tried:
+        session, reason = open_session(graphs[kind.name], kind, device.index, threads)
+        if session is not None:
+            name = kind.name if not kind.indexed else f"{kind.name}:{device.index}"
+            logger.info("running on %s", name)
+            names = tuple(i.name for i in session.get_inputs())
+            dim = int(session.get_outputs()[0].shape[1])
+            return Encoder(session, names, kind, name, dim, graphs[kind.name])
+        if kind is tried[-1]:
+            why = f"--device {asked}" if device.kind != "auto" else f"--precision {precision} needs {kind.label}"
             raise DeviceError(f"{why}: {reason}")
-        logger.info("device auto: CUDA unavailable, running on CPU (%s)", reason)
-    session = _session(ort, graphs["cpu"], [CPU], threads)
-    return _encoder(session, CPU, "cpu", graphs["cpu"])
+        logger.info("device auto: %s unavailable, trying the next kind (%s)", kind.label, reason)
+    raise AssertionError("unreachable")
 
 
 def _first_line(error: Exception) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
-
-
-def _encoder(session, provider: str, device: str, graph: Path) -> Encoder:
-    names = tuple(i.name for i in session.get_inputs())
-    dim = session.get_outputs()[0].shape[1]
-    return Encoder(session, names, provider, device, int(dim), graph)

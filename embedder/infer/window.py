@@ -13,25 +13,18 @@ import pyarrow as pa
 from embedder.errors import UnsupportedModelError, UsageError
 from embedder.hooks import crash_point
 from embedder.infer.batching import pad_batch, plan_batches
-from embedder.infer.session import CPU, CUDA, Encoder, create_encoder
+from embedder.infer.session import Encoder, create_encoder
 from embedder.infer.tokenize import TextTokenizer, TokenizedWindow, resolve_prompt
 from embedder.manifest import Artifact
 from embedder.metrics import Metrics
 from embedder.schema import EMBEDDING_COLUMN, embedding_array
-
-# Padded tokens per batch when none is asked for. On the CPU, 512 to 1024 tokens form a plateau
-# (within 2.2%) at 1.36-1.39x the rate of 16384 and ahead of 2048 (1.27x): the batch's activations stay
-# in cache and pad less (scripts/bench_batching.py, 4,000 docstring rows, 2 cores). 1024 is the larger
-# batch on the plateau, for fewer calls and, on wider models, bigger matrix products. A GPU wants large
-# batches to fill its cores; 16384 is a starting point, not a measurement (scripts/bench_gpu.py sweeps it).
-DEFAULT_MAX_TOKENS = {CPU: 1024, CUDA: 16384}
 
 
 @dataclass(frozen=True)
 class BatchingOptions:
     """How rows are grouped for inference; equal options give bit-identical vectors on CPU."""
 
-    max_tokens: int | None = None  # None: DEFAULT_MAX_TOKENS for the provider that runs
+    max_tokens: int | None = None  # None: the device kind's default_max_tokens (infer/devices.py)
     max_batch_size: int = 256
 
 
@@ -54,10 +47,9 @@ class WindowEmbedder:
         self.encoder: Encoder = create_encoder(artifact.graphs, device, threads, artifact.precision)
         self.pad_id = int(artifact.manifest["pad_token_id"])
         if batching.max_tokens is None:
-            default = DEFAULT_MAX_TOKENS.get(self.encoder.provider, DEFAULT_MAX_TOKENS[CPU])
-            batching = replace(batching, max_tokens=default)
+            batching = replace(batching, max_tokens=self.encoder.kind.default_max_tokens)
         self.batching = batching
-        if self.encoder.provider == CUDA:
+        if self.encoder.kind.warm_up:
             length = self.tokenizer.max_seq_length
             self.encoder.warm_up(max(1, min(batching.max_batch_size, batching.max_tokens // length)), length)
 

@@ -17,10 +17,10 @@ import pyarrow as pa
 
 from embedder import __version__
 from embedder.build.cache import get_or_export
-from embedder.config import PRECISIONS, JobConfig, default_cache_dir
+from embedder.config import JobConfig, default_cache_dir
 from embedder.errors import Interrupted
 from embedder.hooks import crash_point
-from embedder.infer.session import resolve_kind
+from embedder.infer.devices import candidates
 from embedder.infer.tokenize import TextTokenizer
 from embedder.infer.window import BatchingOptions, WindowEmbedder
 from embedder.io.atomic import write_json_atomic
@@ -39,7 +39,7 @@ def run(config: JobConfig) -> dict:
     """Embed every row of config.inputs (or of its shard) into config.output; return the metrics."""
     metrics = Metrics()
     # Refuse a device the precision cannot run on now, not after an export.
-    resolve_kind(PRECISIONS[config.export.precision], config.device, config.export.precision)
+    candidates(config.device, config.export.precision)
     check_output(config.output, config.overwrite)
     inputs = open_inputs(config.inputs, config.text_col, list(config.keep_cols) if config.keep_cols is not None else None)
     inputs = inputs.shard(*config.shard)

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from embedder import errors
 from embedder.build.cache import get_or_export
-from embedder.config import PRECISIONS, JobConfig, default_cache_dir
+from embedder.config import JobConfig, default_cache_dir
 from embedder.errors import (
     EmbedderError,
     InputError,
@@ -39,7 +39,7 @@ from embedder.errors import (
     OutputExistsError,
     UsageError,
 )
-from embedder.infer.session import resolve_kind
+from embedder.infer.devices import Device, DeviceKind, candidates
 from embedder.infer.window import BatchingOptions, make_tokenizer
 from embedder.io.atomic import write_json_atomic
 from embedder.io.parquet import InputSet, check_output, open_inputs
@@ -82,18 +82,21 @@ class RayOptions:
             raise UsageError(f"--max-retries must be 0 or more, got {self.max_retries}")
 
 
-# On Ray the device follows --gpus-per-worker, so a precision/device mismatch is fixed there.
-_RAY_ADVICE = {"cpu": "drop --gpus-per-worker, or use fp32 on GPU actors",
-               "cuda": "give the actors GPUs with --gpus-per-worker, or use fp32 on CPU actors"}
+def _ray_advice(asked: DeviceKind, allowed: tuple[DeviceKind, ...]) -> str:
+    # On Ray the device follows --gpus-per-worker, so a precision/device mismatch is fixed there.
+    if asked.name == "cpu":
+        return "give the actors GPUs with --gpus-per-worker, or use fp32 on CPU actors"
+    return "drop --gpus-per-worker, or use fp32 on GPU actors"
 
 
 def actor_device(device: str, gpus_per_worker: float) -> str:
     """The device every actor uses: Ray hands out the GPUs, so the device follows --gpus-per-worker."""
+    parsed = Device.parse(device)
     if gpus_per_worker > 0:
-        if device == "cpu":
+        if parsed.kind == "cpu":
             raise UsageError("--device cpu with --gpus-per-worker reserves GPUs that nothing uses; drop one of them")
-        return "cuda" if device == "auto" else device  # asked for GPUs: failing to get CUDA is an error
-    if device != "auto" and device != "cpu":
+        return "cuda" if parsed.kind == "auto" else device  # asked for GPUs: failing to get CUDA is an error
+    if parsed.kind not in ("auto", "cpu"):
         raise UsageError(f"--device {device} needs GPUs on the actors: pass --gpus-per-worker (for example 1)")
     return "cpu"
 
@@ -104,8 +107,7 @@ def run(config: JobConfig, options: RayOptions) -> dict:
     check_output(config.output, config.overwrite, folder=True)
     inputs = open_inputs(config.inputs, config.text_col, list(config.keep_cols) if config.keep_cols is not None else None)
     device = actor_device(config.device, options.gpus_per_worker)
-    kind = resolve_kind(PRECISIONS[config.export.precision], "cpu" if device == "cpu" else "cuda",
-                        config.export.precision, _RAY_ADVICE)
+    kind = candidates(device, config.export.precision, _ray_advice)[0].name  # the graph every actor runs
     ray = _import_ray()  # before the model: a missing extra should not wait for an export
     logger.info("input: %d files, %d row groups, %d rows", len(inputs.files), len(inputs.units), inputs.total_rows)
 
