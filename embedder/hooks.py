@@ -1,36 +1,32 @@
-"""Crash points for the resume tests: EMBEDDER_CRASH_AT=NAME:N kills the process with SIGKILL there.
+"""Named points of a run where a test may act: no-ops unless a hook is installed, which only tests do.
 
-A kill -9 can land anywhere; the tests use these points to land it deterministically at the moments
-that matter (before a window commits, mid-window, during the final write). Unset, they cost one
-string comparison.
+The run reports each point it reaches with a count:
+    batch     a batch embedded (count: batches of this process)        run/local.py
+    window    a window committed to the work folder (count: windows)    run/local.py
+    merge     a committed part copied into OUT (count: parts)           io/workfolder.py
+    embedded  a Ray actor embedded a window of its block (count: 0)     run/ray_actor.py
+    written   a Ray actor committed a block's part file (count: 0)      run/ray_actor.py
+
+tests/fault_site/sitecustomize.py installs a hook that kills the process at a chosen point, in the
+processes and Ray actors a test starts; the library itself reads no setting for it.
 """
 
 from __future__ import annotations
 
-import os
-import signal
+from collections.abc import Callable
 
-_CRASH_AT = os.environ.get("EMBEDDER_CRASH_AT", "")
+Hook = Callable[[str, int], None]
 
-
-def crash_point(name: str, count: int) -> None:
-    if _CRASH_AT and _CRASH_AT == f"{name}:{count}":
-        os.kill(os.getpid(), signal.SIGKILL)
+_hook: Hook | None = None
 
 
-def crash_once(name: str) -> None:
-    """EMBEDDER_CRASH_ONCE=NAME:MARKER kills, with SIGKILL, the first process to reach point NAME.
+def install(hook: Hook | None) -> Hook | None:
+    """Call hook(point, count) at every point from now on (None removes it); returns the previous hook."""
+    global _hook
+    previous, _hook = _hook, hook
+    return previous
 
-    The marker file (created atomically) makes it fire once across every process that shares the
-    environment, so a crashed Ray actor restarts and completes instead of crashing again. Read at
-    call time: Ray workers get the variable from their runtime environment, not at import.
-    """
-    setting = os.environ.get("EMBEDDER_CRASH_ONCE", "")
-    point, _, marker = setting.partition(":")
-    if not marker or point != name:
-        return
-    try:
-        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        return
-    os.kill(os.getpid(), signal.SIGKILL)
+
+def reached(point: str, count: int = 0) -> None:
+    if _hook is not None:
+        _hook(point, count)

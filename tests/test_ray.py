@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from faults import fault_env
 from test_job import make_corpus
 
 from jobs.embed import main as embed_main
@@ -27,11 +28,18 @@ WINDOW = 100
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    """One local Ray for the module, 2 CPUs as in CI, shut down after."""
+def fault_file(tmp_path_factory) -> Path:
+    """Where a test arms a kill in the Ray workers (tests/fault_site); absent, nothing is armed."""
+    return tmp_path_factory.mktemp("ray-fault") / "fault.json"
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(fault_file):
+    """One local Ray for the module, 2 CPUs as in CI, shut down after; its workers carry the test hook."""
     ray = pytest.importorskip("ray")
     pytest.importorskip("ray.data")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
+             runtime_env={"env_vars": fault_env(fault_file)})
     yield ray
     ray.shutdown()
 
@@ -116,15 +124,18 @@ def test_ray_output_equals_the_single_process_output(ray_cluster, job_args, refe
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.parametrize("point", ["embedded", "written"])
-def test_an_actor_killed_mid_run_is_retried_and_nothing_is_lost_or_doubled(point, ray_cluster, job_args, reference,
-                                                                          tmp_path, monkeypatch, caplog):
+def test_an_actor_killed_mid_run_is_retried_and_nothing_is_lost_or_doubled(point, ray_cluster, fault_file, job_args,
+                                                                          reference, tmp_path, caplog):
     """SIGKILL in one actor, once, after embedding a window or after committing its part file; the graph
     reaches the restarted actor through the object store."""
     caplog.set_level(logging.INFO, logger="embedder.run.ray_driver")
     marker = tmp_path / "crashed"
-    monkeypatch.setenv("EMBEDDER_CRASH_ONCE", f"{point}:{marker}")
+    fault_env(fault_file, point=point, once=str(marker))
     out = tmp_path / "vecs"
-    metrics = run_ray([*job_args, "--graph-transfer", "object-store"], out, tmp_path / "metrics.json")
+    try:
+        metrics = run_ray([*job_args, "--graph-transfer", "object-store"], out, tmp_path / "metrics.json")
+    finally:
+        fault_file.unlink()
 
     assert marker.exists()  # an actor really died
     assert metrics["ray"]["graph_transfer"] == "object-store"

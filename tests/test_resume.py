@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from faults import fault_env
 from test_job import make_corpus
 
 from embedder.io.workfolder import WorkFolder
@@ -60,7 +61,8 @@ def last_json(stdout: str) -> dict:
                          ids=["early", "mid-window", "after-commit", "final-write"])
 def test_sigkill_then_rerun_gives_the_uninterrupted_output(crash_at, job_args, reference, tmp_path):
     out = tmp_path / "vecs.parquet"
-    killed = run_job([*job_args, "--out", str(out)], EMBEDDER_CRASH_AT=crash_at)
+    point, count = crash_at.split(":")
+    killed = run_job([*job_args, "--out", str(out)], **fault_env(tmp_path / "fault.json", point=point, count=int(count)))
     assert killed.returncode == -signal.SIGKILL
     assert not out.exists()
     assert WorkFolder(out).path.is_dir()
@@ -113,7 +115,8 @@ def min_cosine(a: pa.Table, b: pa.Table) -> float:
 
 def test_progress_from_other_options_is_refused_until_restart(job_args, tmp_path, capsys):
     out = tmp_path / "vecs.parquet"
-    assert run_job([*job_args, "--out", str(out)], EMBEDDER_CRASH_AT="window:2").returncode == -signal.SIGKILL
+    armed = fault_env(tmp_path / "fault.json", point="window", count=2)
+    assert run_job([*job_args, "--out", str(out)], **armed).returncode == -signal.SIGKILL
     assert embed_main([*job_args, "--out", str(out), "--max-tokens", "256"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "holds progress of a run with different batching" in err and "--restart" in err
@@ -184,3 +187,14 @@ def test_peak_memory_is_bounded_by_the_window_not_the_corpus(model_zoo, export_c
         peaks[rows] = metrics["peak_rss_mb"]
     # Holding the whole corpus (text, token ids) would add about 30 MB at 40,000 rows; runs vary by ~10 MB.
     assert peaks[40_000] <= peaks[4_000] + 15, peaks
+
+
+def test_the_library_reads_no_fault_setting_of_its_own(job_args, reference, tmp_path):
+    """Only the test-only site module acts on a fault spec: a stray variable in production changes nothing."""
+    out = tmp_path / "vecs.parquet"
+    armed = fault_env(tmp_path / "fault.json", point="batch", count=1)
+    env = {"EMBEDDER_TEST_FAULT_FILE": armed["EMBEDDER_TEST_FAULT_FILE"], "EMBEDDER_CRASH_AT": "batch:1",
+           "EMBEDDER_CRASH_ONCE": f"written:{tmp_path / 'marker'}"}
+    proc = run_job([*job_args, "--out", str(out)], **env)
+    assert proc.returncode == 0, proc.stderr
+    assert pq.read_table(out).equals(reference)

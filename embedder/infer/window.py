@@ -11,7 +11,6 @@ import numpy as np
 import pyarrow as pa
 
 from embedder.errors import UnsupportedModelError, UsageError
-from embedder.hooks import crash_point
 from embedder.infer.batching import pad_batch, plan_batches
 from embedder.infer.session import Encoder, create_encoder
 from embedder.infer.tokenize import TextTokenizer, TokenizedWindow, resolve_prompt
@@ -79,7 +78,6 @@ class WindowEmbedder:
                 metrics.batches += 1
                 metrics.real_tokens += batch.real_tokens
                 metrics.padded_tokens += batch.padded_tokens
-                crash_point("batch", metrics.batches)
                 if stop is not None:
                     stop()
         metrics.windows += 1

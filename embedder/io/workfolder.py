@@ -20,6 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+import embedder.hooks as hooks
 from embedder.errors import (
     InputError,
     LockedError,
@@ -27,7 +28,6 @@ from embedder.errors import (
     OutputExistsError,
     UsageError,
 )
-from embedder.hooks import crash_point
 from embedder.io.atomic import fsync_path, write_bytes_atomic
 from embedder.io.parquet import ParquetOutput
 
@@ -127,7 +127,7 @@ class WorkFolder:
                     raise  # writing OUT failed (a full disk): the parts are fine, a rerun resumes
                 except (pa.ArrowInvalid, OSError) as e:
                     raise InputError(f"committed part {part} is unreadable ({e}); rerun with --restart") from e
-                crash_point("merge", index + 1)
+                hooks.reached("merge", index + 1)
             return output.rows
 
     def _rename_only_part(self, out: Path, overwrite: bool) -> int:

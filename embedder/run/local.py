@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pyarrow as pa
 
+import embedder.hooks as hooks
 from embedder import __version__
 from embedder.build.cache import get_or_export
 from embedder.config import JobConfig, default_cache_dir
 from embedder.errors import Interrupted
-from embedder.hooks import crash_point
 from embedder.infer.devices import candidates
 from embedder.infer.tokenize import TextTokenizer
 from embedder.infer.window import BatchingOptions, WindowEmbedder
@@ -67,16 +67,21 @@ def run(config: JobConfig) -> dict:
         metrics.resumed_rows = skip
         progress = Progress(inputs.total_rows, config.progress, initial=skip)
         windows = done
+
+        def after_batch() -> None:
+            hooks.reached("batch", metrics.batches)
+            stop.check()
+
         try:
             batches = iter_record_batches(inputs, min(config.window_rows, 65536), skip_rows=skip)
             prepared = (embedder.prepare(w, inputs.text_col, metrics) for w in _windows(batches, config.window_rows, metrics))
             for window in _prefetch(prepared):
-                table = embedder.run(window, metrics, stop.check)
+                table = embedder.run(window, metrics, after_batch)
                 with metrics.stage("write"):
                     work.commit(windows, table.cast(schema))
                 windows += 1
                 progress.update(table.num_rows)
-                crash_point("window", windows)
+                hooks.reached("window", windows)
                 stop.check()
         finally:
             progress.close()

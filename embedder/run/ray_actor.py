@@ -24,8 +24,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+import embedder.hooks as hooks
 from embedder.errors import EmbedderError, ExportError, InputError, OutputError
-from embedder.hooks import crash_once
 from embedder.infer.window import BatchingOptions, WindowEmbedder
 from embedder.io.atomic import fsync_path
 from embedder.manifest import MANIFEST_FILE, Artifact
@@ -134,7 +134,7 @@ class EmbedActor:
                 for start in range(0, block.num_rows, self.options.window_rows):
                     window = block.slice(start, self.options.window_rows)
                     table = self.embedder.embed(window, text_col, metrics)
-                    crash_once("embedded")
+                    hooks.reached("embedded")
                     with metrics.stage("write"):
                         writer.write_table(table.cast(self.options.output_schema))
             with metrics.stage("write"):
@@ -145,7 +145,7 @@ class EmbedActor:
             if isinstance(e, OSError) and not isinstance(e, EmbedderError):
                 raise OutputError(f"writing part file {staging / name} failed: {e}") from e
             raise
-        crash_once("written")
+        hooks.reached("written")
         encoder = self.embedder.encoder
         return pa.table({
             "file": [name],

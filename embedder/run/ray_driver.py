@@ -54,8 +54,6 @@ from embedder.schema import output_schema
 logger = logging.getLogger(__name__)
 
 GRAPH_TRANSFERS = ("auto", "path", "object-store")
-# Fault injection for the tests: forwarded to the actors' environment when set on the driver.
-_FORWARDED_ENV = ("EMBEDDER_CRASH_ONCE",)
 
 
 @dataclass(frozen=True)
@@ -239,7 +237,6 @@ def _execute(ray, inputs: InputSet, graph: GraphSource, worker: WorkerOptions, o
         if "target_num_rows_per_block" in inspect.signature(dataset.repartition).parameters:
             # Streaming (no shuffle): blocks of --window-rows rows spread over the actors.
             dataset = dataset.repartition(target_num_rows_per_block=config.window_rows)
-        env = {name: os.environ[name] for name in _FORWARDED_ENV if os.environ.get(name)}
         with warnings.catch_warnings():
             # Ray 2.60 deprecates extra remote args but names no parameter for max_restarts/max_task_retries
             # (its defaults retry forever, which would loop on a block that kills every actor).
@@ -252,7 +249,6 @@ def _execute(ray, inputs: InputSet, graph: GraphSource, worker: WorkerOptions, o
                 fn_constructor_kwargs={"graph": graph, "options": worker},
                 num_cpus=options.cpus_per_worker,
                 num_gpus=options.gpus_per_worker,
-                runtime_env={"env_vars": env} if env else None,
                 max_restarts=options.max_retries,
                 max_task_retries=options.max_retries,
             )
