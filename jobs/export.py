@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = load_spec(args.model, pooling)
         options = ExportOptions(normalize=not args.no_normalize, precision=args.precision)
         artifact = get_or_export(spec, options, args.cache_dir or default_cache_dir())
-        print(json.dumps({"cache_hit": artifact.hit, "folder": str(artifact.folder), **artifact.manifest}, indent=2))
+        print(json.dumps({"cache_hit": artifact.hit, "folder": str(artifact.folder), **artifact.manifest.record}, indent=2))
         return 0
 
     return run_main("jobs.export", export)

@@ -28,12 +28,12 @@ def default_model_rows(rows: int):
                         "--rows", str(rows)], check=True, capture_output=True)
         texts = [t for t in pq.read_table(corpus, columns=["text"]).column("text").to_pylist() if t is not None]
     artifact = get_or_export(load_spec(None), ExportOptions(), default_cache_dir())
-    return artifact, TextTokenizer(artifact.tokenizer_path, artifact.manifest["max_seq_length"]).encode(texts)
+    return artifact, TextTokenizer(artifact.tokenizer_path, artifact.manifest.max_seq_length).encode(texts)
 
 
 def padded_batches(artifact, tokens, max_tokens: int, max_batch_size: int = 256) -> list:
     """The padded batches the job would feed the graph at this token budget."""
-    pad_id = artifact.manifest["pad_token_id"]
+    pad_id = artifact.manifest.pad_token_id
     return [pad_batch(tokens.ids, tokens.offsets, rows, pad_id)
             for rows in plan_batches(tokens.lengths, max_tokens, max_batch_size)]
 

@@ -158,7 +158,7 @@ def io_binding_probe(cache: Path, rows: int) -> dict:
 
     artifact = get_or_export(load_spec(None), ExportOptions(precision="fp16"), cache)
     encoder = create_encoder(artifact.graphs, "cuda", precision="fp16")
-    tokens = TextTokenizer(artifact.tokenizer_path, artifact.manifest["max_seq_length"]).encode(docstring_texts(rows))
+    tokens = TextTokenizer(artifact.tokenizer_path, artifact.manifest.max_seq_length).encode(docstring_texts(rows))
     batches = padded_batches(artifact, tokens, DEVICE_KINDS["cuda"].default_max_tokens)
     session = encoder.session
     has_types = "token_type_ids" in encoder.input_names

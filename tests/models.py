@@ -482,14 +482,16 @@ def onnx_vectors(artifact, texts: list[str], max_tokens: int = 256, max_batch_si
     from embedder.infer.tokenize import TextTokenizer, resolve_prompt
 
     manifest = artifact.manifest
-    prompt = resolve_prompt(None, manifest["prompts"], manifest["default_prompt_name"])
-    window = TextTokenizer(artifact.tokenizer_path, manifest["max_seq_length"], prompt).encode(texts)
+    prompt = resolve_prompt(None, manifest.prompts, manifest.default_prompt_name)
+    window = TextTokenizer(artifact.tokenizer_path, manifest.max_seq_length, prompt).encode(texts)
     kind = "cuda" if device.startswith("cuda") else "cpu"
-    encoder = create_encoder({kind: artifact.graphs[graph]}, device=device, precision=artifact.precision)
+    # On the CPU any graph file runs (fp16 too, with onnxruntime's casts), whatever the job would allow there.
+    precision = artifact.precision if kind == "cuda" else "fp32"
+    encoder = create_encoder({kind: artifact.graphs[graph]}, device=device, precision=precision)
     assert (encoder.provider == CUDA) == (kind == "cuda"), encoder.provider
-    vectors = np.full((len(texts), manifest["dim"]), np.nan, dtype=np.float32)
+    vectors = np.full((len(texts), manifest.dim), np.nan, dtype=np.float32)
     for rows in plan_batches(window.lengths, max_tokens, max_batch_size):
-        batch = pad_batch(window.ids, window.offsets, rows, manifest["pad_token_id"])
+        batch = pad_batch(window.ids, window.offsets, rows, manifest.pad_token_id)
         vectors[batch.rows] = encoder(batch.input_ids, batch.attention_mask)
     return vectors
 

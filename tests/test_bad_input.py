@@ -322,8 +322,8 @@ def tokenizer_and_encoder(exported):
 
     artifact = exported("bert")
     manifest = artifact.manifest
-    tokenizer = TextTokenizer(artifact.tokenizer_path, int(manifest["max_seq_length"]))
-    return tokenizer, create_encoder(artifact.graph_path, device="cpu", threads=1), int(manifest["pad_token_id"])
+    tokenizer = TextTokenizer(artifact.tokenizer_path, int(manifest.max_seq_length))
+    return tokenizer, create_encoder(artifact.graph_path, device="cpu", threads=1), int(manifest.pad_token_id)
 
 
 def encode(tokenizer_and_encoder, texts: list[str], max_tokens: int, max_batch_size: int) -> np.ndarray:

@@ -29,7 +29,7 @@ from embedder import ExportOptions, Pooling, get_or_export, load_spec
 from embedder.build.cache import model_key
 from embedder.build.export import MAX_ABS_DIFF, MIN_COSINE
 from embedder.errors import ExportError, UsageError
-from embedder.manifest import MANIFEST_FILE
+from embedder.manifest import MANIFEST_FILE, Manifest
 from embedder.model.spec import hash_files
 
 # Prints, as JSON, the exit code and cache_hit of jobs.export on the given model and cache, and
@@ -60,7 +60,7 @@ def copy_entry(artifact, cache_dir):
 
 def assert_entry_valid(artifact) -> None:
     """Every file hashes as the manifest records."""
-    for name, digest in artifact.manifest["files"].items():
+    for name, digest in artifact.manifest.files.items():
         assert hash_files([artifact.folder / name]) == digest, name
 
 
@@ -106,7 +106,8 @@ def test_second_request_is_a_verified_hit(model_zoo, exported, export_cache_dir,
 def test_manifest_records_validation_figures_and_file_hashes(model_zoo, exported, family):
     artifact = exported(family)
     manifest = json.loads((artifact.folder / MANIFEST_FILE).read_text())
-    assert manifest == artifact.manifest
+    assert manifest == artifact.manifest.record
+    assert artifact.manifest == Manifest.from_record(manifest)  # the typed view of the same file
     validation = manifest["validation"]
     assert 0 <= validation["max_abs_diff"] <= MAX_ABS_DIFF
     assert MIN_COSINE <= validation["min_cosine"] <= 1 + 1e-6

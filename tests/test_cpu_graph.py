@@ -68,7 +68,7 @@ def test_other_transposes_are_left_alone(tmp_path, perm, extra_consumer):
 def test_every_family_cpu_graph_reads_keys_through_fused_matmul(exported, family):
     """The CPU graph of each family has its key Transposes folded; test_export checks its vectors."""
     artifact = exported(family)
-    layers = artifact.manifest["cpu_rewrite"]
+    layers = artifact.manifest.record["cpu_rewrite"]
     model = onnx.load(str(artifact.graphs["cpu"]))
     fused = [n for n in model.graph.node if n.op_type == "FusedMatMul"]
     assert layers["applied"] and layers["folded_transposes"] == len(fused) > 0

@@ -50,11 +50,11 @@ def test_cpu_gets_the_plain_graph_and_cuda_the_fused_one(exported, family):
 
     artifact = exported(family)
     ops = {kind: {n.op_type for n in onnx.load(str(path)).graph.node} for kind, path in artifact.graphs.items()}
-    assert artifact.manifest["optimization"]["applied"]
+    assert artifact.manifest.record["optimization"]["applied"]
     assert "Attention" in ops["cuda"] and "SkipLayerNormalization" in ops["cuda"]
     assert "Attention" not in ops["cpu"] and "Softmax" in ops["cpu"]
     assert artifact.graphs["cpu"] == artifact.graph_path != artifact.graphs["cuda"]
-    assert set(artifact.manifest["files"]) == {"model.onnx", "model.cuda.onnx", "tokenizer.json"}
+    assert set(artifact.manifest.files) == {"model.onnx", "model.cuda.onnx", "tokenizer.json"}
 
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)
@@ -63,7 +63,7 @@ def test_test_texts_exercise_truncation(exported, family):
     from embedder.infer.tokenize import TextTokenizer
 
     artifact = exported(family)
-    max_len = artifact.manifest["max_seq_length"]
+    max_len = artifact.manifest.max_seq_length
     window = TextTokenizer(artifact.tokenizer_path, max_len).encode(TEXTS)
     assert window.lengths.max() == max_len and window.truncated >= 1
     assert window.lengths.min() >= 1
@@ -92,7 +92,7 @@ def assert_runs_at_every_shape(artifact, lengths) -> None:
     """Output [batch, dim], finite, unit norm, at every batch size and length given."""
     session = ort.InferenceSession(str(artifact.graph_path), providers=["CPUExecutionProvider"])
     vocab_size = Tokenizer.from_file(str(artifact.tokenizer_path)).get_vocab_size()
-    dim = artifact.manifest["dim"]
+    dim = artifact.manifest.dim
     rng = np.random.default_rng(0)
     for batch in BATCH_SIZES:
         for length in lengths:
@@ -105,12 +105,12 @@ def assert_runs_at_every_shape(artifact, lengths) -> None:
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_graph_runs_at_any_batch_size_and_every_length(exported, family):
     artifact = exported(family)
-    assert_runs_at_every_shape(artifact, range(1, artifact.manifest["max_seq_length"] + 1))
+    assert_runs_at_every_shape(artifact, range(1, artifact.manifest.max_seq_length + 1))
 
 
 def test_default_graph_runs_at_any_batch_size_and_length_up_to_its_maximum(exported):
     artifact = exported("default")
-    assert artifact.manifest["max_seq_length"] == DEFAULT_MODEL_LENGTHS[-1]
+    assert artifact.manifest.max_seq_length == DEFAULT_MODEL_LENGTHS[-1]
     assert_runs_at_every_shape(artifact, DEFAULT_MODEL_LENGTHS)
 
 
@@ -125,7 +125,7 @@ def test_pooler_pooling_on_bert_exports_the_pooler_output(model_zoo, exported):
     for other in ((Pooling.CLS,), (Pooling.MEAN,)):
         vectors = onnx_vectors(exported("bert", other), TEXTS)
         assert (cosines(pooler, vectors) < 0.999).all(), f"pooler vectors equal {other[0].value} vectors"
-    assert exported("bert", (Pooling.POOLER,)).manifest["pooling"] == ["pooler"]
+    assert exported("bert", (Pooling.POOLER,)).manifest.pooling == ("pooler",)
 
 
 def test_pooler_pooling_on_distilbert_is_a_clear_error(model_zoo, tmp_path, capsys):

@@ -72,7 +72,7 @@ def test_fp32_on_cuda_equals_sentence_transformers(cuda_devices, exported, model
 @pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_fp16_on_cuda_stays_within_its_gate_of_sentence_transformers(cuda_devices, exported, model_zoo, family):
     artifact = exported(family, precision="fp16")
-    assert artifact.manifest["fp16"]["gate"]["provider"] == "CUDAExecutionProvider"  # gated where it runs
+    assert artifact.manifest.record["fp16"]["gate"]["provider"] == "CUDAExecutionProvider"  # gated where it runs
     got = onnx_vectors(artifact, GPU_TEXTS, max_tokens=4096, max_batch_size=64, graph="cuda", device="cuda")
     want = reference_vectors(model_zoo.path(family), GPU_TEXTS)
     assert np.isfinite(got).all() and got.dtype == np.float32

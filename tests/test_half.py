@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 def test_fp16_graph_is_half_inside_and_fp32_at_its_edges(exported):
     fp16_artifact = exported("bert", precision="fp16")
     manifest = fp16_artifact.manifest
-    assert manifest["precision"] == "fp16" and manifest["graphs"] == {"cuda": "model.onnx"}
+    assert manifest.precision == "fp16" and manifest.graphs == {"cuda": "model.onnx"}
     graph = onnx.load(str(fp16_artifact.graph_path)).graph
     matrices = {t.name: t.data_type for t in graph.initializer if len(t.dims) == 2}
     dense = {name: kind for name, kind in matrices.items() if name.startswith("dense.")}
@@ -40,7 +40,7 @@ def test_fp16_graph_is_half_inside_and_fp32_at_its_edges(exported):
     assert read_graph_info(fp16_artifact.graph_path).outputs == fp32_info.outputs
     # This BERT's Dense layer (Gemm) and normalize (ReduceL2) are among the nodes kept fp32, and every
     # tensor they read or write is fp32 in the converted graph (casts sit at the boundary).
-    kept = manifest["fp16"]["fp32_nodes"]
+    kept = manifest.record["fp16"]["fp32_nodes"]
     ops = {n.name: n.op_type for n in graph.node}
     assert {"Gemm", "ReduceL2"} <= {ops[name] for name in kept}
     inferred = onnx.shape_inference.infer_shapes(onnx.load(str(fp16_artifact.graph_path))).graph
@@ -50,7 +50,7 @@ def test_fp16_graph_is_half_inside_and_fp32_at_its_edges(exported):
         if node.name in kept:
             used = {types.get(name) for name in [*node.input, *node.output] if name}
             assert onnx.TensorProto.FLOAT16 not in used and onnx.TensorProto.FLOAT in used, node.name
-    gate = manifest["fp16"]["gate"]
+    gate = manifest.record["fp16"]["gate"]
     assert gate["min_cosine"] >= gate["threshold"] == 0.999 and gate["texts"] >= 32
     # The provider that really ran the gate: the CPU where CUDA cannot run, as here.
     assert gate["provider"] == (CPU if devices.cuda_problem() else CUDA)

@@ -126,8 +126,8 @@ def test_json_lists_exactly_the_declared_interface(exported, capsys, family):
     names = BASE_INPUTS + (["token_type_ids"] if family in TOKEN_TYPE_FAMILIES else [])
     assert printed["inputs"] == [{"name": n, "dtype": "int64", "shape": ["batch", "sequence"]} for n in names]
     assert printed["outputs"] == [{"name": "sentence_embedding", "dtype": "float32",
-                                   "shape": ["batch", artifact.manifest["dim"]]}]
-    assert printed["inputs"] == artifact.manifest["inputs"]
+                                   "shape": ["batch", artifact.manifest.dim]}]
+    assert printed["inputs"] == artifact.manifest.record["inputs"]
 
 
 class RecordingSession:
@@ -150,7 +150,7 @@ def test_encoder_feeds_exactly_the_graphs_inputs(exported, family):
     ids = np.array([[2, 7, 9, 3], [2, 8, 3, 0]], dtype=np.int64)
     mask = (ids != 0).astype(np.int64)
     vectors = dataclasses.replace(encoder, session=recorder)(ids, mask)
-    assert vectors.shape == (2, exported(family).manifest["dim"])
+    assert vectors.shape == (2, exported(family).manifest.dim)
     (feeds,) = recorder.feeds
     with_types = family in TOKEN_TYPE_FAMILIES
     assert list(encoder.input_names) == BASE_INPUTS + (["token_type_ids"] if with_types else [])

@@ -23,10 +23,10 @@ def int8_artifact(exported):
 def test_int8_graph_passes_its_gate_and_records_it(int8_artifact, exported):
     manifest = int8_artifact.manifest
     fp32 = exported("bert")
-    assert manifest["precision"] == "int8" and int8_artifact.folder != fp32.folder
-    gate = manifest["quantization"]["gate"]
+    assert manifest.precision == "int8" and int8_artifact.folder != fp32.folder
+    gate = manifest.record["quantization"]["gate"]
     assert gate["min_cosine"] >= gate["threshold"] == 0.99 and gate["texts"] >= 32
-    assert manifest["quantization"]["quantized_nodes"] > 0
+    assert manifest.record["quantization"]["quantized_nodes"] > 0
     # Same interface as the fp32 graph, so the job feeds it the same way.
     assert read_graph_info(int8_artifact.graph_path).inputs == read_graph_info(fp32.graph_path).inputs
     ops = {n.op_type for n in __import__("onnx").load(str(int8_artifact.graph_path)).graph.node}

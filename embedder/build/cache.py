@@ -24,7 +24,7 @@ from pathlib import Path
 
 from embedder.config import ExportOptions
 from embedder.errors import ExportError
-from embedder.manifest import MANIFEST_FILE, TOKENIZER_FILE, Artifact
+from embedder.manifest import MANIFEST_FILE, TOKENIZER_FILE, Artifact, Manifest
 from embedder.model.spec import ModelSpec, hash_files
 
 logger = logging.getLogger(__name__)
@@ -78,12 +78,11 @@ def _locked(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _verify(folder: Path) -> dict | None:
+def _verify(folder: Path) -> Manifest | None:
     """The manifest if the folder is complete and its files hash as recorded; else None."""
     try:
-        manifest = json.loads((folder / MANIFEST_FILE).read_text())
-        files = manifest["files"]
-        for name, digest in files.items():
+        manifest = Manifest.from_record(json.loads((folder / MANIFEST_FILE).read_text()))
+        for name, digest in manifest.files.items():
             if hash_files([folder / name]) != digest:
                 logger.warning("cached %s in %s does not match its manifest hash; re-exporting", name, folder)
                 return None
@@ -161,6 +160,6 @@ def _install(spec, options, model_dir: Path, exporter: str, key: str, content_ha
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         final = model_dir / exporter
         os.replace(staging, final)  # atomic: readers see no folder or a complete one
-        return Artifact(final, manifest, hit=False)
+        return Artifact(final, Manifest.from_record(manifest), hit=False)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

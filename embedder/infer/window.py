@@ -44,7 +44,7 @@ class WindowEmbedder:
                  batching: BatchingOptions = BatchingOptions()):
         self.tokenizer = make_tokenizer(artifact, max_seq_len, prompt)
         self.encoder: Encoder = create_encoder(artifact.graphs, device, threads, artifact.precision)
-        self.pad_id = int(artifact.manifest["pad_token_id"])
+        self.pad_id = artifact.manifest.pad_token_id
         if batching.max_tokens is None:
             batching = replace(batching, max_tokens=self.encoder.kind.default_max_tokens)
         self.batching = batching
@@ -90,11 +90,11 @@ class WindowEmbedder:
 def make_tokenizer(artifact: Artifact, max_seq_len: int | None, prompt: str | None) -> TextTokenizer:
     """The tokenizer the graph expects, with the model's limit and prompt applied."""
     manifest = artifact.manifest
-    limit = int(manifest["max_seq_length"])
+    limit = manifest.max_seq_length
     if max_seq_len is not None and max_seq_len > limit:
         raise UsageError(f"--max-seq-len {max_seq_len} exceeds the model's max_seq_length {limit}")
-    text_prompt = resolve_prompt(prompt, manifest.get("prompts") or {}, manifest.get("default_prompt_name"))
-    if text_prompt and not manifest.get("include_prompt", True):
+    text_prompt = resolve_prompt(prompt, manifest.prompts, manifest.default_prompt_name)
+    if text_prompt and not manifest.include_prompt:
         raise UnsupportedModelError(
             "this model excludes prompt tokens from pooling (include_prompt false), which the exported graph "
             "does not reproduce; run without a prompt"

@@ -55,11 +55,11 @@ def run(config: JobConfig) -> dict:
     metrics.cache_hit, metrics.provider, metrics.device = artifact.hit, encoder.provider, encoder.device
     metrics.batching = {"window_rows": config.window_rows, "max_tokens": embedder.batching.max_tokens,
                         "max_batch_size": embedder.batching.max_batch_size}
-    logger.info("model %s (dim %d, max_seq_length %d) on %s", spec.name, artifact.manifest["dim"],
+    logger.info("model %s (dim %d, max_seq_length %d) on %s", spec.name, artifact.manifest.dim,
                 embedder.tokenizer.max_seq_length, encoder.device)
 
     file_metadata = build_file_metadata(artifact, embedder.tokenizer, encoder.graph)
-    schema = output_schema(inputs.keep_schema, artifact.manifest["dim"], file_metadata)
+    schema = output_schema(inputs.keep_schema, artifact.manifest.dim, file_metadata)
     work = WorkFolder(config.output)
     with work.locked(), _stop_on_signals() as stop:
         done = work.prepare(_fingerprint(config, inputs, file_metadata, embedder.batching), config.restart, config.resume)
@@ -196,16 +196,16 @@ def build_file_metadata(artifact: Artifact, tokenizer: TextTokenizer, graph: Pat
     """What the output file records about how its vectors were made."""
     manifest = artifact.manifest
     return {
-        "model": manifest["model"],
-        "model_hash": manifest["model_hash"],
-        "pooling": manifest["pooling"],
-        "dense": manifest["dense"],
-        "normalize": manifest["normalize"],
-        "dim": manifest["dim"],
+        "model": manifest.model,
+        "model_hash": manifest.model_hash,
+        "pooling": list(manifest.pooling),
+        "dense": [dict(layer) for layer in manifest.dense],
+        "normalize": manifest.normalize,
+        "dim": manifest.dim,
         "max_seq_length": tokenizer.max_seq_length,
         "prompt": tokenizer.prompt,
-        "precision": manifest["precision"],
-        "graph_sha256": manifest["files"][graph.name],  # the graph that ran: CPU and CUDA have their own
+        "precision": manifest.precision,
+        "graph_sha256": manifest.files[graph.name],  # the graph that ran: CPU and CUDA have their own
         "embedder_version": __version__,
     }
 

@@ -28,7 +28,7 @@ import embedder.hooks as hooks
 from embedder.errors import EmbedderError, ExportError, InputError, OutputError
 from embedder.infer.window import BatchingOptions, WindowEmbedder
 from embedder.io.atomic import fsync_path
-from embedder.manifest import MANIFEST_FILE, Artifact
+from embedder.manifest import MANIFEST_FILE, Artifact, Manifest
 from embedder.metrics import Metrics, peak_rss_mb
 from embedder.model.spec import hash_files
 
@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 class GraphSource:
     """Where an actor finds the graph: a folder every node sees, or the files' bytes in the object store."""
 
-    manifest: dict
+    manifest: Manifest  # narrowed to the one graph the actors run and the tokenizer
     folder: str | None = None  # "path" transfer: the driver's cache folder
     files_ref: object = None  # "object-store" transfer: an ObjectRef of {file name: bytes}
 
@@ -59,10 +59,10 @@ class WorkerOptions:
     window_rows: int
 
 
-def _verified(folder: Path, manifest: dict) -> bool:
+def _verified(folder: Path, manifest: Manifest) -> bool:
     """True if every shipped file in folder hashes as the manifest records."""
     try:
-        return all(hash_files([folder / name]) == digest for name, digest in manifest["files"].items())
+        return all(hash_files([folder / name]) == digest for name, digest in manifest.files.items())
     except OSError:
         return False
 
@@ -81,7 +81,7 @@ def materialize_graph(source: GraphSource) -> Artifact:
 
     import ray  # only ever reached inside a Ray worker
 
-    digest = hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()
+    digest = hashlib.sha256(json.dumps(manifest.files, sort_keys=True).encode()).hexdigest()
     root = Path(tempfile.gettempdir()) / "embedder-ray-graphs"
     folder = root / digest[:32]
     if folder.is_dir() and _verified(folder, manifest):
@@ -92,7 +92,7 @@ def materialize_graph(source: GraphSource) -> Artifact:
     try:
         for name, data in files.items():
             (staging / name).write_bytes(data)
-        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        (staging / MANIFEST_FILE).write_text(json.dumps(dict(manifest.record), indent=2) + "\n")
         if not _verified(staging, manifest):
             raise ExportError("the graph received from the driver does not match its manifest hashes")
         shutil.rmtree(folder, ignore_errors=True)  # a damaged earlier copy

@@ -43,7 +43,7 @@ from embedder.infer.devices import Device, DeviceKind, candidates
 from embedder.infer.window import BatchingOptions, make_tokenizer
 from embedder.io.atomic import write_json_atomic
 from embedder.io.parquet import InputSet, check_output, open_inputs
-from embedder.manifest import TOKENIZER_FILE, Artifact
+from embedder.manifest import Artifact
 from embedder.metrics import Metrics, summary_line
 from embedder.model.spec import load_spec
 from embedder.run.local import build_file_metadata
@@ -115,7 +115,7 @@ def run(config: JobConfig, options: RayOptions) -> dict:
         tokenizer = make_tokenizer(artifact, config.max_seq_len, config.prompt)  # checks --max-seq-len, --prompt
     metrics.cache_hit = artifact.hit
     file_metadata = build_file_metadata(artifact, tokenizer, artifact.graphs[kind])  # the graph every actor runs
-    schema = output_schema(inputs.keep_schema, artifact.manifest["dim"], file_metadata)
+    schema = output_schema(inputs.keep_schema, artifact.manifest.dim, file_metadata)
 
     cluster: dict = {}
     with _Staging(config.output, config.overwrite) as staging, _stop_on_signals():
@@ -204,14 +204,10 @@ def _check_cluster(ray, options: RayOptions, local: bool) -> str:
 def _graph_source(ray, artifact: Artifact, kind: str, transfer: str) -> GraphSource:
     """What the actors load: the manifest narrowed to the one graph they run and the tokenizer, so
     only those are shipped and hashed."""
-    manifest = artifact.manifest
-    graph = manifest["graphs"][kind]
-    needed = {graph, TOKENIZER_FILE}
-    manifest = {**manifest, "graphs": {kind: graph},
-                "files": {name: digest for name, digest in manifest["files"].items() if name in needed}}
+    manifest = artifact.manifest.narrowed(kind)
     if transfer == "path":
         return GraphSource(manifest, folder=str(artifact.folder.resolve()))
-    files = {name: (artifact.folder / name).read_bytes() for name in manifest["files"]}
+    files = {name: (artifact.folder / name).read_bytes() for name in manifest.files}
     logger.info("graph shipped through the object store (%.1f MB)", sum(map(len, files.values())) / 1e6)
     return GraphSource(manifest, files_ref=ray.put(files))
 
