@@ -88,17 +88,6 @@ class InputSet:
         return InputSet(tuple(chosen), self.text_col, self.keep_schema)
 
 
-def parse_shard(value: str) -> tuple[int, int]:
-    """'I/N' -> (I, N) with 0 <= I < N."""
-    try:
-        index, count = (int(x) for x in value.split("/"))
-    except ValueError:
-        raise UsageError(f"--shard {value}: expected I/N, for example 0/4") from None
-    if count < 1 or not 0 <= index < count:
-        raise UsageError(f"--shard {value}: need 0 <= I < N")
-    return index, count
-
-
 def open_inputs(spec: str, text_col: str, keep_cols: list[str] | None) -> InputSet:
     """Check every file's footer and schema before any work: bad input fails in the first second."""
     files = resolve_inputs(spec)
