@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from embedder.errors import UsageError
-from embedder.model.spec import Pooling
+from embedder.model.spec import Pooling, parse_pooling
 
 # Graph precisions. Which device kinds run each is the device table's (infer/devices.py): int8 uses
 # CPU-only kernels; fp16 is for CUDA (on the CPU onnxruntime casts much of it back to fp32, so it would
@@ -19,12 +20,15 @@ DEFAULT_OPSET = 17
 class ExportOptions:
     """Choices that change the exported graph (and so are part of its cache key)."""
 
-    pooling: tuple[Pooling, ...] | None = None  # None: the model's own pooling
+    # None: the model's own pooling. The --pooling string ("cls+mean") is parsed here, so the command line
+    # and the Python API cannot read it differently.
+    pooling: tuple[Pooling, ...] | str | None = None
     normalize: bool = True
     precision: str = "fp32"
     opset: int = DEFAULT_OPSET
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "pooling", parse_pooling(self.pooling) if self.pooling else None)
         if self.precision not in PRECISIONS:
             raise UsageError(f"precision '{self.precision}' is not supported; valid: {', '.join(PRECISIONS)}")
         if not 14 <= self.opset <= 20:
@@ -49,7 +53,7 @@ class JobConfig:
     output: Path
     model: str | None = None
     text_col: str = "text"
-    keep_cols: tuple[str, ...] | None = None  # None: every column but the text column
+    keep_cols: tuple[str, ...] | str | None = None  # None: every column but the text column; "a,b" as --keep-cols
     device: str = "auto"
     export: ExportOptions = ExportOptions()
     max_seq_len: int | None = None  # None: the model's max_seq_length
@@ -62,22 +66,49 @@ class JobConfig:
     metrics_out: Path | None = None
     overwrite: bool = False
     progress: str = "auto"
-    shard: tuple[int, int] = (0, 1)  # (index, count): this job embeds part index of count
+    shard: tuple[int, int] | str = (0, 1)  # (index, count) or "I/N": this job embeds part index of count
     resume: bool = False  # insist on resuming committed progress (it is resumed by default anyway)
     restart: bool = False  # discard committed progress
     prometheus_out: Path | None = None
 
     def __post_init__(self) -> None:
-        for name in ("max_tokens", "max_batch_size", "window_rows"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.max_seq_len is not None and self.max_seq_len < 2:
-            raise UsageError(f"--max-seq-len must be at least 2, got {self.max_seq_len}")
-        if self.threads is not None and self.threads < 1:
-            raise UsageError(f"--threads must be at least 1, got {self.threads}")
+        # The command line's string forms are parsed here, once for every caller (jobs/, embedder.api).
+        if self.keep_cols is not None:
+            object.__setattr__(self, "keep_cols", parse_columns(self.keep_cols))
+        object.__setattr__(self, "shard", parse_shard(self.shard))
+        check_embedding_options(self.max_seq_len, self.max_tokens, self.max_batch_size, self.window_rows, self.threads)
         if self.progress not in ("auto", "on", "off"):
             raise UsageError(f"--progress must be auto, on or off, got {self.progress}")
         if self.resume and self.restart:
             raise UsageError("--resume and --restart contradict each other; pick one")
         if not self.text_col:
             raise UsageError("--text-col must name a column")
+
+
+def check_embedding_options(max_seq_len: int | None, max_tokens: int | None, max_batch_size: int, window_rows: int,
+                            threads: int | None) -> None:
+    """Refuse limits no run can use; the job and embedder.api.Embedder share them (messages name the flags)."""
+    for name, value in (("max_tokens", max_tokens), ("max_batch_size", max_batch_size), ("window_rows", window_rows),
+                        ("threads", threads)):
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if max_seq_len is not None and max_seq_len < 2:
+        raise UsageError(f"--max-seq-len must be at least 2, got {max_seq_len}")
+
+
+def parse_columns(value: str | Iterable[str]) -> tuple[str, ...]:
+    """Column names: "a,b" as --keep-cols takes them ('' for none), or any iterable of names."""
+    if isinstance(value, str):
+        return tuple(c.strip() for c in value.split(",") if c.strip())
+    return tuple(value)
+
+
+def parse_shard(value: str | tuple[int, int]) -> tuple[int, int]:
+    """'I/N' or (I, N) -> (I, N) with 0 <= I < N."""
+    try:
+        index, count = (int(x) for x in (value.split("/") if isinstance(value, str) else value))
+    except (TypeError, ValueError):
+        raise UsageError(f"--shard {value}: expected I/N, for example 0/4") from None
+    if count < 1 or not 0 <= index < count:
+        raise UsageError(f"--shard {index}/{count}: need 0 <= I < N")
+    return index, count

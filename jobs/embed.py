@@ -12,8 +12,6 @@ import sys
 from pathlib import Path
 
 from embedder.config import DEFAULT_OPSET, PRECISIONS, ExportOptions, JobConfig
-from embedder.io.parquet import parse_shard
-from embedder.model.spec import parse_pooling
 from jobs._cli import run_job, setup_logging
 
 
@@ -62,16 +60,16 @@ def add_reporting_options(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> JobConfig:
-    keep = None if args.keep_cols is None else tuple(c.strip() for c in args.keep_cols.split(",") if c.strip())
-    pooling = parse_pooling(args.pooling) if args.pooling else None
+    """The flags as given: JobConfig parses their string forms (--keep-cols, --pooling, --shard), for
+    embedder.api.embed_parquet too."""
     return JobConfig(
         inputs=args.inputs,
         output=args.out,
         model=args.model,
         text_col=args.text_col,
-        keep_cols=keep,
+        keep_cols=args.keep_cols,
         device=args.device,
-        export=ExportOptions(pooling=pooling, precision=args.precision, opset=DEFAULT_OPSET),
+        export=ExportOptions(pooling=args.pooling, precision=args.precision, opset=DEFAULT_OPSET),
         max_seq_len=args.max_seq_len,
         max_tokens=args.max_tokens,
         max_batch_size=args.max_batch_size,
@@ -82,7 +80,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         metrics_out=args.metrics_out,
         overwrite=args.overwrite,
         progress=args.progress,
-        shard=parse_shard(args.shard),
+        shard=args.shard,
         resume=args.resume,
         restart=args.restart,
         prometheus_out=args.prometheus_out,

@@ -39,6 +39,8 @@ def test_the_layers_hold():
 @pytest.mark.parametrize(("module", "line", "contract"), [
     # the tokenizer (infer) reaching up into the run loop
     ("embedder/infer/tokenize.py", "import embedder.run.local", "Layers"),
+    # the run loop reaching up into the public API that composes it
+    ("embedder/run/local.py", "import embedder.api", "Layers"),
     # io and infer are siblings: neither may use the other
     ("embedder/io/parquet.py", "from embedder.infer.batching import plan_batches", "Layers"),
     # the inference path importing torch

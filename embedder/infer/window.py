@@ -70,6 +70,19 @@ class WindowEmbedder:
     def run(self, prepared: PreparedWindow, metrics: Metrics, stop=None) -> pa.Table:
         """Infer a tokenized window; vectors go back to the rows' order."""
         carried, valid, tokens = prepared.carried, prepared.valid, prepared.tokens
+        vectors = self.vectors(tokens, metrics, stop)
+        metrics.windows += 1
+        metrics.rows += carried.num_rows
+        metrics.null_rows += int((~valid).sum())
+        metrics.truncated_rows += tokens.truncated
+        return carried.append_column(EMBEDDING_COLUMN, embedding_array(vectors, valid))
+
+    def vectors(self, tokens: TokenizedWindow, metrics: Metrics, stop=None) -> np.ndarray:
+        """One vector per tokenized row, in the rows' order, from length-sorted token-budget batches.
+
+        The one batch loop of the jobs and of the Python API: equal batching gives bit-identical vectors on CPU.
+        stop, if given, is called after every batch and may raise to abandon the rows.
+        """
         vectors = np.empty((len(tokens.lengths), self.encoder.dim), dtype=np.float32)
         with metrics.stage("infer"):
             for rows in plan_batches(tokens.lengths, self.batching.max_tokens, self.batching.max_batch_size):
@@ -80,11 +93,7 @@ class WindowEmbedder:
                 metrics.padded_tokens += batch.padded_tokens
                 if stop is not None:
                     stop()
-        metrics.windows += 1
-        metrics.rows += carried.num_rows
-        metrics.null_rows += int((~valid).sum())
-        metrics.truncated_rows += tokens.truncated
-        return carried.append_column(EMBEDDING_COLUMN, embedding_array(vectors, valid))
+        return vectors
 
 
 def make_tokenizer(artifact: Artifact, max_seq_len: int | None, prompt: str | None) -> TextTokenizer:

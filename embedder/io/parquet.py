@@ -40,7 +40,8 @@ def resolve_inputs(spec: str) -> list[Path]:
     raise InputError(f"input {spec} does not exist")
 
 
-def _is_text(arrow_type: pa.DataType) -> bool:
+def is_text_type(arrow_type: pa.DataType) -> bool:
+    """A text column's type: string (plain, large, view), binary read as UTF-8 (plain, large), or a dictionary of one."""
     if pa.types.is_dictionary(arrow_type):
         arrow_type = arrow_type.value_type
     return any(check(arrow_type) for check in (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view,
@@ -88,17 +89,6 @@ class InputSet:
         return InputSet(tuple(chosen), self.text_col, self.keep_schema)
 
 
-def parse_shard(value: str) -> tuple[int, int]:
-    """'I/N' -> (I, N) with 0 <= I < N."""
-    try:
-        index, count = (int(x) for x in value.split("/"))
-    except ValueError:
-        raise UsageError(f"--shard {value}: expected I/N, for example 0/4") from None
-    if count < 1 or not 0 <= index < count:
-        raise UsageError(f"--shard {value}: need 0 <= I < N")
-    return index, count
-
-
 def open_inputs(spec: str, text_col: str, keep_cols: list[str] | None) -> InputSet:
     """Check every file's footer and schema before any work: bad input fails in the first second."""
     files = resolve_inputs(spec)
@@ -113,7 +103,7 @@ def open_inputs(spec: str, text_col: str, keep_cols: list[str] | None) -> InputS
         if text_col not in schema.names:
             raise InputError(f"{path}: column '{text_col}' not found; columns are: {', '.join(schema.names)}")
         text_type = schema.field(text_col).type
-        if not _is_text(text_type):
+        if not is_text_type(text_type):
             raise InputError(
                 f"{path}: column '{text_col}' is {text_type}, not a string or binary (UTF-8) column; "
                 "choose one with --text-col"
