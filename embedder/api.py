@@ -16,9 +16,9 @@ import numpy as np
 import pyarrow as pa
 
 from embedder.build.cache import get_or_export
-from embedder.config import PRECISIONS, ExportOptions, JobConfig, check_embedding_options, default_cache_dir
+from embedder.config import ExportOptions, JobConfig, check_embedding_options, default_cache_dir
 from embedder.errors import InputError, UsageError
-from embedder.infer.session import resolve_kind
+from embedder.infer.devices import candidates
 from embedder.infer.window import BatchingOptions, WindowEmbedder
 from embedder.io.parquet import is_text_type
 from embedder.metrics import Metrics
@@ -62,7 +62,7 @@ class Embedder:
         export = ExportOptions(pooling=pooling, precision=precision)
         check_embedding_options(max_seq_len, max_tokens, max_batch_size, window_rows, threads)
         # Refuse a device the precision cannot run on now, not after an export.
-        resolve_kind(PRECISIONS[precision], device, precision)
+        candidates(device, precision)
         spec = load_spec(None if model is None else str(model), export.pooling)
         artifact = get_or_export(spec, export, _path(cache_dir) or default_cache_dir())
         self._window_embedder = WindowEmbedder(artifact, device, threads, max_seq_len, prompt,

@@ -92,9 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
 
     def embed() -> dict:
-        from embedder.run.local import (
-            run,  # after argument parsing: --help stays instant
-        )
+        from embedder.run.local import run  # after argument parsing: --help stays instant
 
         return run(config_from_args(args))
 

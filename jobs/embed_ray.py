@@ -47,10 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     def embed() -> dict:
-        from embedder.run.ray_driver import (  # after argument parsing: --help stays instant
-            RayOptions,
-            run,
-        )
+        from embedder.run.ray_driver import RayOptions, run  # after argument parsing: --help stays instant
 
         options = RayOptions(workers=args.workers, cpus_per_worker=args.cpus_per_worker,
                              gpus_per_worker=args.gpus_per_worker, address=args.address,

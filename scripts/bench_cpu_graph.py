@@ -43,12 +43,7 @@ def unfold(src: Path, dst: Path) -> int:
 
 
 def main() -> int:
-    from bench_common import (  # repository on sys.path
-        default_model_rows,
-        padded_batches,
-        paired_rates,
-        run_all,
-    )
+    from bench_common import default_model_rows, padded_batches, paired_rates, run_all  # repository on sys.path
 
     from embedder.infer.devices import DEVICE_KINDS
 

@@ -26,11 +26,7 @@ SETTINGS = {
 
 
 def main() -> int:
-    from bench_common import (  # puts the repository on sys.path
-        default_model_rows,
-        padded_batches,
-        paired_rates,
-    )
+    from bench_common import default_model_rows, padded_batches, paired_rates  # puts the repository on sys.path
 
     from embedder.infer.devices import DEVICE_KINDS
 

@@ -20,10 +20,7 @@ import numpy as np
 
 
 def main() -> int:
-    from bench_common import (  # puts the repository on sys.path
-        default_model_rows,
-        padded_batches,
-    )
+    from bench_common import default_model_rows, padded_batches  # puts the repository on sys.path
 
     from embedder.infer.devices import DEVICE_KINDS
 

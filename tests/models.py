@@ -113,14 +113,7 @@ def wordpiece_tokenizer(cls, folder: Path):
 
 def byte_level_bpe_tokenizer(vocab_size: int = 700):
     """A RoBERTa-style tokenizer: byte-level BPE trained on real text, <s> A </s>, no token types."""
-    from tokenizers import (
-        Tokenizer,
-        decoders,
-        models,
-        pre_tokenizers,
-        processors,
-        trainers,
-    )
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.BPE(unk_token=None))
@@ -141,15 +134,7 @@ def byte_level_bpe_tokenizer(vocab_size: int = 700):
 
 def unigram_tokenizer(vocab_size: int = 500):
     """An XLM-R-style tokenizer: Unigram with Metaspace, <s> A </s>, no token types."""
-    from tokenizers import (
-        Tokenizer,
-        decoders,
-        models,
-        normalizers,
-        pre_tokenizers,
-        processors,
-        trainers,
-    )
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.Unigram())
@@ -237,11 +222,7 @@ def _bert_checkpoint(folder: Path, max_positions: int = 64) -> Path:
 def build_bert(root: Path) -> Path:
     """BERT, WordPiece, CLS pooling, Dense(32 -> 16, Tanh), Normalize; has token_type_ids."""
     import torch
-    from sentence_transformers.sentence_transformer.modules import (
-        Dense,
-        Normalize,
-        Pooling,
-    )
+    from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling
 
     hf = _bert_checkpoint(root / "bert-hf")
     return save_sentence_transformer(

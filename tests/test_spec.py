@@ -22,13 +22,7 @@ from models import (
 )
 
 from embedder.errors import EXIT_USAGE, ModelNotFoundError, UnsupportedModelError
-from embedder.model.spec import (
-    DenseSpec,
-    Pooling,
-    load_spec,
-    parse_pooling,
-    resolve_model_path,
-)
+from embedder.model.spec import DenseSpec, Pooling, load_spec, parse_pooling, resolve_model_path
 from jobs.export import main as export_main
 
 LEGACY_ALL_FALSE = {

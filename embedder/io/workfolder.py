@@ -21,13 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import embedder.hooks as hooks
-from embedder.errors import (
-    InputError,
-    LockedError,
-    OutputError,
-    OutputExistsError,
-    UsageError,
-)
+from embedder.errors import InputError, LockedError, OutputError, OutputExistsError, UsageError
 from embedder.io.atomic import fsync_path, write_bytes_atomic
 from embedder.io.parquet import ParquetOutput
 

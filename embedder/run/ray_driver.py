@@ -31,14 +31,7 @@ import pyarrow.parquet as pq
 from embedder import errors
 from embedder.build.cache import get_or_export
 from embedder.config import JobConfig, default_cache_dir
-from embedder.errors import (
-    EmbedderError,
-    InputError,
-    Interrupted,
-    OutputError,
-    OutputExistsError,
-    UsageError,
-)
+from embedder.errors import EmbedderError, InputError, Interrupted, OutputError, OutputExistsError, UsageError
 from embedder.infer.devices import Device, DeviceKind, candidates
 from embedder.infer.window import BatchingOptions, make_tokenizer
 from embedder.io.atomic import write_json_atomic
