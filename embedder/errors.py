@@ -70,9 +70,9 @@ class LockedError(EmbedderError, RuntimeError):
 class Interrupted(EmbedderError):
     """SIGTERM or SIGINT stopped the job after it committed what was complete."""
 
-    def __init__(self, signum: int):
+    def __init__(self, signum: int, outcome: str = "committed windows are kept, rerun the same command to resume"):
         import signal
 
         name = signal.Signals(signum).name
-        super().__init__(f"stopped by {name}; committed windows are kept, rerun the same command to resume")
+        super().__init__(f"stopped by {name}; {outcome}")
         self.exit_code = 128 + signum

@@ -518,6 +518,6 @@ def test_one_window_job_writes_each_vector_once(embed, tmp_path, monkeypatch):
     monkeypatch.setattr(pq.ParquetWriter, "__init__", counting_init)
     out = tmp_path / "out.parquet"
     table = assert_succeeded(embed(tmp_path / "in.parquet", out), list(range(ROWS)), ["id"])
-    assert opened == [".part-00000.parquet.tmp"], opened
+    assert opened == [".part-000000.parquet.tmp"], opened
     assert table.schema.equals(windowed.schema, check_metadata=True)  # OUT's schema and embedder metadata
     np.testing.assert_allclose(vectors(table)[1], vectors(windowed)[1], atol=1e-6)

@@ -95,9 +95,9 @@ def test_export_options_reject_unsupported_values(options):
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["distilbert", "default"])
 def test_second_request_is_a_verified_hit(model_zoo, exported, export_cache_dir, family):
-    first = exported(family)
+    first = exported(family)  # exported by this call or by an earlier test into the same session cache
     second = get_or_export(load_spec(model_zoo.model_arg(family)), ExportOptions(), export_cache_dir)
-    assert (first.hit, second.hit) == (False, True)
+    assert second.hit
     assert second.folder == first.folder and second.manifest == first.manifest
 
 

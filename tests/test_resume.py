@@ -17,7 +17,7 @@ import pytest
 from faults import fault_env
 from test_job import make_corpus
 
-from embedder.io.workfolder import WorkFolder
+from embedder.io.workfolder import WorkFolder, part_name
 from jobs.embed import main as embed_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +82,7 @@ def test_sigterm_stops_cleanly_and_resume_completes(job_args, reference, tmp_pat
     out = tmp_path / "vecs.parquet"
     args = [sys.executable, "-m", "jobs.embed", *job_args, "--out", str(out), "--max-batch-size", "2"]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first_part = WorkFolder(out).path / WorkFolder.part_name(0)
+    first_part = WorkFolder(out).path / part_name(0)
     deadline = time.monotonic() + 120
     while not first_part.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -6,7 +6,7 @@ import glob
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,7 +173,8 @@ def iter_record_batches(inputs: InputSet, batch_rows: int, skip_rows: int = 0) -
                     batch, skip_rows = batch.slice(min(skip_rows, batch.num_rows)), max(0, skip_rows - batch.num_rows)
                     if not batch.num_rows:
                         continue
-                _check_utf8(batch.column(inputs.text_col), inputs.text_col, path, file_row - batch.num_rows)
+                first = file_row - batch.num_rows
+                check_utf8(batch.column(inputs.text_col), inputs.text_col, lambda row: str(first + row), f"{path}: ")
                 if batch.schema != target:
                     batch = _conform(batch, target, path)
                 yield batch
@@ -195,9 +196,12 @@ def _conform(batch: pa.RecordBatch, target: pa.Schema, path: Path) -> pa.RecordB
     return pa.RecordBatch.from_arrays(arrays, schema=target)
 
 
-def _check_utf8(column: pa.Array, name: str, path: Path, first_row: int) -> None:
+def check_utf8(column: pa.Array | pa.ChunkedArray, name: str, row_label: Callable[[int], str], where: str = "") -> None:
     """Text must be valid UTF-8, binary or string alike (Parquet readers do not check string pages, so a
-    damaged or mislabelled file gets here); name the first bad row rather than guess an encoding."""
+    damaged or mislabelled file gets here); name the first bad row (row_label(index in column)) rather than
+    guess an encoding. where prefixes the message (the file)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
     values = column.dictionary if pa.types.is_dictionary(column.type) else column
     try:
         if pa.types.is_binary(values.type) or pa.types.is_large_binary(values.type):
@@ -216,7 +220,7 @@ def _check_utf8(column: pa.Array, name: str, path: Path, first_row: int) -> None
             value is None or value.decode("utf-8")
         except UnicodeDecodeError as e:
             raise InputError(
-                f"{path}: column '{name}' holds bytes that are not valid UTF-8 (row {first_row + row}: {e.reason} "
+                f"{where}column '{name}' holds bytes that are not valid UTF-8 (row {row_label(row)}: {e.reason} "
                 f"at byte {e.start}); decode or clean the text before embedding"
             ) from None
 

@@ -1,7 +1,7 @@
 """Progress that survives kill -9: a work folder beside OUT with one committed part file per window.
 
     .OUT.work/fingerprint.json   what the progress belongs to (inputs, model, graph, options)
-    .OUT.work/part-00000.parquet one per committed window, written to a temporary name, fsynced, renamed
+    .OUT.work/part-000000.parquet one per committed window, written to a temporary name, fsynced, renamed
 
 A rerun with the same fingerprint skips the committed windows; the final OUT is the parts merged in
 order, written atomically (a single part is renamed into place), after which the work folder is removed.
@@ -28,6 +28,11 @@ from embedder.io.parquet import ParquetOutput
 logger = logging.getLogger(__name__)
 
 FINGERPRINT = "fingerprint.json"
+
+
+def part_name(index: int) -> str:
+    """The name of part `index` (from 0): the work folder's committed windows and the Ray job's output parts."""
+    return f"part-{index:06d}.parquet"
 
 
 class WorkFolder:
@@ -79,7 +84,7 @@ class WorkFolder:
         for stray in [*self.path.glob(".*.tmp"), *self.out.parent.glob(f".{self.out.name}.*.tmp")]:
             stray.unlink(missing_ok=True)
         committed = 0
-        while (self.path / self.part_name(committed)).is_file():
+        while (self.path / part_name(committed)).is_file():
             committed += 1
         if stored is None:
             if require_resume:
@@ -89,13 +94,9 @@ class WorkFolder:
             logger.info("resuming: %d windows already committed in %s", committed, self.path)
         return committed
 
-    @staticmethod
-    def part_name(index: int) -> str:
-        return f"part-{index:05d}.parquet"
-
     def commit(self, index: int, table: pa.Table) -> None:
         """Write one window's rows; it counts as committed only once renamed into place."""
-        final = self.path / self.part_name(index)
+        final = self.path / part_name(index)
         tmp = self.path / f".{final.name}.tmp"
         try:
             with pq.ParquetWriter(tmp, table.schema) as writer:
@@ -112,7 +113,7 @@ class WorkFolder:
             return self._rename_only_part(out, overwrite)
         with ParquetOutput(out, schema, overwrite) as output:
             for index in range(windows):
-                part = self.path / self.part_name(index)
+                part = self.path / part_name(index)
                 try:
                     reader = pq.ParquetFile(part)
                     for group in range(reader.num_row_groups):
@@ -129,7 +130,7 @@ class WorkFolder:
 
         Renaming it saves decoding and re-encoding every vector (half the write time of such a job).
         """
-        part = self.path / self.part_name(0)
+        part = self.path / part_name(0)
         try:
             rows = pq.ParquetFile(part).metadata.num_rows
         except (pa.ArrowInvalid, OSError) as e:

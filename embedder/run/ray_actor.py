@@ -25,12 +25,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import embedder.hooks as hooks
-from embedder.errors import EmbedderError, ExportError, InputError, OutputError
+from embedder.errors import EmbedderError, ExportError, OutputError
 from embedder.infer.window import BatchingOptions, WindowEmbedder
 from embedder.io.atomic import fsync_path
+from embedder.io.parquet import check_utf8
 from embedder.manifest import MANIFEST_FILE, Artifact, Manifest
 from embedder.metrics import Metrics, peak_rss_mb
 from embedder.model.spec import hash_files
+from embedder.run.loop import embedded_windows
 
 logger = logging.getLogger(__name__)
 
@@ -131,12 +133,12 @@ class EmbedActor:
         tmp = staging / f".{name}.inprogress"
         try:
             with pq.ParquetWriter(tmp, self.options.output_schema) as writer:
-                for start in range(0, block.num_rows, self.options.window_rows):
-                    window = block.slice(start, self.options.window_rows)
-                    table = self.embedder.embed(window, text_col, metrics)
+                # The run loop's own windows, prefetch and batching, on this block's rows.
+                for table in embedded_windows(self.embedder, block.to_batches(), text_col, self.options.window_rows,
+                                              self.options.output_schema, metrics):
                     hooks.reached("embedded")
                     with metrics.stage("write"):
-                        writer.write_table(table.cast(self.options.output_schema))
+                        writer.write_table(table)
             with metrics.stage("write"):
                 fsync_path(tmp)
                 os.replace(tmp, staging / name)
@@ -170,20 +172,11 @@ class EmbedActor:
 
 
 def _check_utf8(block: pa.Table, text_col: str) -> None:
-    """Parquet readers do not validate string pages: refuse bad UTF-8 as the single-process job does."""
-    column = block.column(text_col)
-    try:
-        column.validate(full=True)
-        return
-    except pa.ArrowInvalid:
-        pass
-    for index, value in enumerate(column.cast(pa.large_binary()).to_pylist()):
-        try:
-            value is None or value.decode("utf-8")
-        except UnicodeDecodeError as e:
-            carried = [n for n in block.column_names if n != text_col][:1]
-            where = f"{carried[0]}={block.column(carried[0])[index].as_py()!r}" if carried else f"{index} of a block"
-            raise InputError(
-                f"column '{text_col}' holds bytes that are not valid UTF-8 (row {where}: {e.reason} at byte "
-                f"{e.start}); decode or clean the text before embedding"
-            ) from None
+    """Parquet readers do not validate string pages: refuse bad UTF-8 as the single-process job does, naming
+    the row by its first carried column (an id, usually) since a block's row numbers mean nothing to the user."""
+    carried = [n for n in block.column_names if n != text_col][:1]
+
+    def row_label(index: int) -> str:
+        return f"{carried[0]}={block.column(carried[0])[index].as_py()!r}" if carried else f"{index} of a block"
+
+    check_utf8(block.column(text_col), text_col, row_label)

@@ -17,8 +17,6 @@ import logging
 import os
 import re
 import shutil
-import signal
-import threading
 import uuid
 import warnings
 from collections import defaultdict
@@ -29,19 +27,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embedder import errors
-from embedder.build.cache import get_or_export
-from embedder.config import JobConfig, default_cache_dir
-from embedder.errors import EmbedderError, InputError, Interrupted, OutputError, OutputExistsError, UsageError
+from embedder.config import JobConfig
+from embedder.errors import EmbedderError, InputError, OutputError, OutputExistsError, UsageError
 from embedder.infer.devices import Device, DeviceKind, candidates
-from embedder.infer.window import BatchingOptions, make_tokenizer
-from embedder.io.atomic import write_json_atomic
-from embedder.io.parquet import InputSet, check_output, open_inputs
+from embedder.infer.window import BatchingOptions
+from embedder.io.parquet import InputSet
+from embedder.io.workfolder import part_name
 from embedder.manifest import Artifact
-from embedder.metrics import Metrics, summary_line
-from embedder.model.spec import load_spec
-from embedder.run.local import build_file_metadata
+from embedder.metrics import Metrics
+from embedder.run.loop import file_metadata, finish, set_up
 from embedder.run.ray_actor import EmbedActor, GraphSource, WorkerOptions
 from embedder.run.report import Progress
+from embedder.run.signals import stop_on_signals
 from embedder.schema import output_schema
 
 logger = logging.getLogger(__name__)
@@ -95,27 +92,25 @@ def actor_device(device: str, gpus_per_worker: float) -> str:
 def run(config: JobConfig, options: RayOptions) -> dict:
     """Embed every row of config.inputs into the Parquet folder config.output on Ray; return the metrics."""
     metrics = Metrics()
-    check_output(config.output, config.overwrite, folder=True)
-    inputs = open_inputs(config.inputs, config.text_col, list(config.keep_cols) if config.keep_cols is not None else None)
     device = actor_device(config.device, options.gpus_per_worker)
     kind = candidates(device, config.export.precision, _ray_advice)[0].name  # the graph every actor runs
-    ray = _import_ray()  # before the model: a missing extra should not wait for an export
-    logger.info("input: %d files, %d row groups, %d rows", len(inputs.files), len(inputs.units), inputs.total_rows)
+    ray = None
 
-    with metrics.stage("model"):
-        spec = load_spec(config.model, config.export.pooling)
-        artifact = get_or_export(spec, config.export, config.cache_dir or default_cache_dir())
-        tokenizer = make_tokenizer(artifact, config.max_seq_len, config.prompt)  # checks --max-seq-len, --prompt
-    metrics.cache_hit = artifact.hit
-    file_metadata = build_file_metadata(artifact, tokenizer, artifact.graphs[kind])  # the graph every actor runs
-    schema = output_schema(inputs.keep_schema, artifact.manifest.dim, file_metadata)
+    def import_ray() -> None:  # before the model: a missing extra should not wait for an export
+        nonlocal ray
+        ray = _import_ray()
+
+    setup = set_up(config, metrics, folder_output=True, before_model=import_ray)
+    inputs = setup.inputs
+    schema = output_schema(inputs.keep_schema, setup.artifact.manifest.dim,
+                           file_metadata(setup, setup.artifact.graphs[kind]))
 
     cluster: dict = {}
-    with _Staging(config.output, config.overwrite) as staging, _stop_on_signals():
+    with _Staging(config.output, config.overwrite) as staging, stop_on_signals(at_once=True, outcome=_NOT_WRITTEN):
         results: list[dict] = []
         if inputs.total_rows:
             # ray.init installs its own SIGTERM handler: ours go in after it, and give it back on the way out.
-            with _connected(ray, options.address) as local, _stop_on_signals():
+            with _connected(ray, options.address) as local, stop_on_signals(at_once=True, outcome=_NOT_WRITTEN):
                 transfer = _check_cluster(ray, options, local)
                 cluster = {"workers": options.workers, "cpus_per_worker": options.cpus_per_worker,
                            "gpus_per_worker": options.gpus_per_worker, "graph_transfer": transfer,
@@ -126,7 +121,7 @@ def run(config: JobConfig, options: RayOptions) -> dict:
                     prompt=config.prompt, batching=BatchingOptions(config.max_tokens, config.max_batch_size),
                     window_rows=config.window_rows,
                 )
-                source = _graph_source(ray, artifact, kind, transfer)
+                source = _graph_source(ray, setup.artifact, kind, transfer)
                 results = _execute(ray, inputs, source, worker, options, config)
         rows = sum(r["rows"] for r in results)
         if rows != inputs.total_rows:
@@ -135,11 +130,7 @@ def run(config: JobConfig, options: RayOptions) -> dict:
 
     result = _aggregate(metrics, results)
     result["ray"] = cluster
-    result["output"] = str(config.output)
-    if config.metrics_out:
-        write_json_atomic(config.metrics_out, result)
-    logger.info("done: %s", summary_line(result))
-    return result
+    return finish(config, result)
 
 
 def _import_ray():
@@ -313,9 +304,9 @@ class _Staging:
                     logger.info("removing %s, left by a failed attempt", entry.name)
                     entry.unlink()
             for index, name in enumerate(files):
-                os.replace(self.folder / name, self.folder / f"part-{index:06d}.parquet")
+                os.replace(self.folder / name, self.folder / part_name(index))
             if not files:  # no rows: one empty file that still carries the schema and metadata
-                pq.write_table(schema.empty_table(), self.folder / "part-000000.parquet")
+                pq.write_table(schema.empty_table(), self.folder / part_name(0))
             old = None
             if self.out.exists() or self.out.is_symlink():
                 if not self.overwrite:
@@ -332,29 +323,8 @@ class _Staging:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-class _Stopped(Interrupted):
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.args = (f"stopped by {signal.Signals(signum).name}; OUT was not written (the Ray job does not resume: "
-                     "rerun it to start over)",)
-
-
-@contextlib.contextmanager
-def _stop_on_signals():
-    """SIGTERM/SIGINT stop the driver with exit 143/130 and no OUT; Ray Data then stops the actors."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handle(signum, _frame):
-        raise _Stopped(signum)
-
-    previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+# What a stopped Ray run leaves: the shared loop's resume does not reach the actors' part files.
+_NOT_WRITTEN = "OUT was not written (the Ray job does not resume: rerun it to start over)"
 
 
 _SUMMED = ("rows", "null_rows", "truncated_rows", "real_tokens", "padded_tokens", "batches", "windows")
