@@ -78,7 +78,8 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_output(crash_at, job_args, r
     assert not list(tmp_path.glob(".*"))
 
 
-def test_sigterm_stops_cleanly_and_resume_completes(job_args, reference, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_cleanly_and_resume_completes(signum, job_args, reference, tmp_path):
     out = tmp_path / "vecs.parquet"
     args = [sys.executable, "-m", "jobs.embed", *job_args, "--out", str(out), "--max-batch-size", "2"]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -86,10 +87,10 @@ def test_sigterm_stops_cleanly_and_resume_completes(job_args, reference, tmp_pat
     deadline = time.monotonic() + 120
     while not first_part.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, stderr
-    assert "stopped by SIGTERM" in stderr.strip().splitlines()[-1]
+    assert proc.returncode == 128 + signum, stderr
+    assert f"stopped by {signal.Signals(signum).name}" in stderr.strip().splitlines()[-1]
     assert "Traceback" not in stderr
     assert not out.exists()
 
@@ -198,3 +199,85 @@ def test_the_library_reads_no_fault_setting_of_its_own(job_args, reference, tmp_
     proc = run_job([*job_args, "--out", str(out)], **env)
     assert proc.returncode == 0, proc.stderr
     assert pq.read_table(out).equals(reference)
+
+
+def committed_after_kill(job_args, out: Path, tmp_path: Path, windows: int) -> list[Path]:
+    armed = fault_env(tmp_path / "fault.json", point="window", count=windows)
+    assert run_job([*job_args, "--out", str(out)], **armed).returncode == -signal.SIGKILL
+    return [WorkFolder(out).path / part_name(i) for i in range(windows)]
+
+
+def test_a_truncated_committed_part_is_detected_and_its_windows_redone(job_args, reference, tmp_path):
+    out = tmp_path / "vecs.parquet"
+    parts = committed_after_kill(job_args, out, tmp_path, 4)
+    parts[1].write_bytes(parts[1].read_bytes()[:-100])  # a torn write: the footer is gone
+
+    resumed = run_job([*job_args, "--out", str(out)])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "part-000001.parquet is damaged" in resumed.stderr and "redoing window 1" in resumed.stderr
+    assert last_json(resumed.stdout)["resumed_rows"] == WINDOW  # only the part before the damaged one is kept
+    assert pq.read_table(out).equals(reference)
+
+
+def test_a_part_of_another_size_is_redone(job_args, reference, tmp_path):
+    out = tmp_path / "vecs.parquet"
+    parts = committed_after_kill(job_args, out, tmp_path, 3)
+    table = pq.read_table(parts[2])
+    pq.write_table(table.slice(0, 10), parts[2])  # readable, but not the window it claims to be
+
+    resumed = run_job([*job_args, "--out", str(out)])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "10 rows where the window has 100" in resumed.stderr
+    assert last_json(resumed.stdout)["resumed_rows"] == 2 * WINDOW
+    assert pq.read_table(out).equals(reference)
+
+
+def test_a_corrupt_page_is_caught_at_the_merge_then_redone_by_the_rerun(job_args, reference, tmp_path):
+    out = tmp_path / "vecs.parquet"
+    parts = committed_after_kill(job_args, out, tmp_path, 4)
+    chunk = pq.read_metadata(parts[2]).row_group(0).column(0)  # footer intact, a data page damaged
+    data = bytearray(parts[2].read_bytes())
+    data[chunk.data_page_offset + chunk.total_compressed_size // 2] ^= 0xFF
+    parts[2].write_bytes(bytes(data))
+
+    failed = run_job([*job_args, "--out", str(out)])
+    assert failed.returncode == 1, failed.stderr
+    line = failed.stderr.strip().splitlines()[-1]
+    assert line.startswith("jobs.embed: error: committed part") and "part-000002.parquet is corrupt" in line
+    assert not out.exists() and parts[1].exists() and not parts[2].exists()
+
+    resumed = run_job([*job_args, "--out", str(out)])
+    assert resumed.returncode == 0, resumed.stderr
+    assert last_json(resumed.stdout)["resumed_rows"] == 2 * WINDOW
+    assert pq.read_table(out).equals(reference)
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    ("inputs", "inputs"),
+    ("model", "model"),
+    ("prompt", "prompt"),
+])
+def test_a_rerun_after_the_inputs_model_or_prompt_changed_is_refused_naming_it(change, named, job_args, model_zoo,
+                                                                               corpus, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "vecs.parquet"
+    args = list(job_args)
+    if change == "inputs":  # a copy of the corpus, so the module's own files stay as they are
+        copy = tmp_path / "corpus"
+        shutil.copytree(corpus, copy)
+        args[args.index("--in") + 1] = str(copy)
+    committed_after_kill(args, out, tmp_path, 2)
+    if change == "inputs":
+        first = sorted(copy.glob("*.parquet"))[0]
+        pq.write_table(pq.read_table(first), first, row_group_size=100)  # rewritten: same rows, a new file
+    elif change == "model":
+        args[args.index("--model") + 1] = model_zoo.model_arg("roberta")
+    else:
+        args += ["--prompt", "query: "]
+
+    assert embed_main([*args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    differs = err.split("with different ")[1].split(";")[0].split(", ")
+    assert named in differs, err
+    assert "--restart" in err and not out.exists()

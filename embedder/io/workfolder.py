@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -67,8 +68,13 @@ class WorkFolder:
         if not any(self.path.glob("part-*.parquet")):
             shutil.rmtree(self.path, ignore_errors=True)
 
-    def prepare(self, fingerprint: dict, restart: bool, require_resume: bool) -> int:
-        """Number of windows already committed for this fingerprint (0 for a fresh start)."""
+    def prepare(self, fingerprint: dict, restart: bool, require_resume: bool,
+                expected_rows: Callable[[int], int] | None = None) -> int:
+        """Number of windows already committed for this fingerprint (0 for a fresh start).
+
+        expected_rows(i), if given, is the row count window i must have: a committed part that is truncated,
+        unreadable or of another size is dropped with every part after it, and those windows are redone.
+        """
         stored_file = self.path / FINGERPRINT
         if restart:
             self._clear()
@@ -85,6 +91,12 @@ class WorkFolder:
             stray.unlink(missing_ok=True)
         committed = 0
         while (self.path / part_name(committed)).is_file():
+            damage = self._damage(committed, expected_rows) if expected_rows is not None else None
+            if damage is not None:
+                logger.warning("committed part %s is damaged (%s); redoing window %d and the ones after it",
+                               part_name(committed), damage, committed)
+                self._drop_from(committed)
+                break
             committed += 1
         if stored is None:
             if require_resume:
@@ -94,12 +106,26 @@ class WorkFolder:
             logger.info("resuming: %d windows already committed in %s", committed, self.path)
         return committed
 
+    def _damage(self, index: int, expected_rows: Callable[[int], int]) -> str | None:
+        """Why committed part `index` cannot be used (its footer is read, not its pages), or None."""
+        try:
+            rows = pq.ParquetFile(self.path / part_name(index)).metadata.num_rows
+        except (pa.ArrowInvalid, OSError) as e:
+            return f"unreadable: {e}"
+        want = expected_rows(index)
+        return None if rows == want else f"{rows} rows where the window has {max(want, 0)}"
+
+    def _drop_from(self, index: int) -> None:
+        while (self.path / part_name(index)).is_file():
+            (self.path / part_name(index)).unlink()
+            index += 1
+
     def commit(self, index: int, table: pa.Table) -> None:
         """Write one window's rows; it counts as committed only once renamed into place."""
         final = self.path / part_name(index)
         tmp = self.path / f".{final.name}.tmp"
         try:
-            with pq.ParquetWriter(tmp, table.schema) as writer:
+            with pq.ParquetWriter(tmp, table.schema, write_page_checksum=True) as writer:
                 writer.write_table(table)
             fsync_path(tmp)
             os.replace(tmp, final)
@@ -115,13 +141,15 @@ class WorkFolder:
             for index in range(windows):
                 part = self.path / part_name(index)
                 try:
-                    reader = pq.ParquetFile(part)
+                    reader = pq.ParquetFile(part, page_checksum_verification=True)
                     for group in range(reader.num_row_groups):
                         output.write(reader.read_row_group(group))
                 except OutputError:
                     raise  # writing OUT failed (a full disk): the parts are fine, a rerun resumes
                 except (pa.ArrowInvalid, OSError) as e:
-                    raise InputError(f"committed part {part} is unreadable ({e}); rerun with --restart") from e
+                    self._drop_from(index)
+                    raise OutputError(f"committed part {part} is corrupt ({_first_line(e)}); it and the parts after "
+                                      "it are removed: rerun the same command to redo those windows") from e
                 hooks.reached("merge", index + 1)
             return output.rows
 
@@ -152,3 +180,8 @@ class WorkFolder:
                 shutil.rmtree(child)
             else:
                 child.unlink()
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

@@ -42,7 +42,11 @@ def run(config: JobConfig) -> dict:
     schema = output_schema(inputs.keep_schema, setup.artifact.manifest.dim, metadata)
     work = WorkFolder(config.output)
     with work.locked(), stop_on_signals() as stop:
-        done = work.prepare(fingerprint(config, inputs, metadata, embedder.batching), config.restart, config.resume)
+        def window_size(index: int) -> int:  # what committed part `index` must hold
+            return min(config.window_rows, inputs.total_rows - index * config.window_rows)
+
+        done = work.prepare(fingerprint(config, inputs, metadata, embedder.batching), config.restart, config.resume,
+                            window_size)
         skip = min(done * config.window_rows, inputs.total_rows)
         metrics.resumed_rows = skip
         progress = Progress(inputs.total_rows, config.progress, initial=skip)
