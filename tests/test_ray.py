@@ -216,3 +216,31 @@ def test_a_worker_error_known_only_from_its_traceback_text_keeps_its_class():
     assert type(error) is InputError and str(error).startswith("column 'text'")
     other = _explain(RuntimeError("node died\nmore"))
     assert type(other) is EmbedderError and str(other) == "the Ray job failed: RuntimeError: node died"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_sigterm_stops_the_ray_driver_with_no_output_and_nothing_left(job_args, tmp_path):
+    """The shared signal handling on the Ray path: exit 143, one line, no OUT, no staging folder, Ray shut down."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "vecs"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the job starts its own local Ray
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.embed_ray", *job_args, *RAY_ARGS, "--out", str(out),
+                             "--max-batch-size", "2"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    deadline = time.monotonic() + 180
+    staged = []
+    while not staged and proc.poll() is None and time.monotonic() < deadline:
+        staged = [p for folder in tmp_path.glob(".vecs.ray-*.tmp") for p in folder.iterdir()]  # an actor wrote
+        time.sleep(0.05)
+    assert staged, "no actor wrote a part before the deadline"
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("jobs.embed_ray: error: stopped by SIGTERM") and "OUT was not written" in last
+    assert "Traceback" not in stderr
+    assert not out.exists() and not list(tmp_path.glob(".vecs*"))

@@ -19,6 +19,16 @@ logger = logging.getLogger(__name__)
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
+class _StopNow(BaseException):
+    """Raised from the handler, wherever the main thread is. A BaseException, so that code it lands in (Ray
+    Data's, which logs every Exception it sees with a full trace) lets it through; stop_on_signals turns it
+    into Interrupted."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 class StopFlag:
     """Set by a signal; check() raises Interrupted at the caller's next safe point."""
 
@@ -37,7 +47,7 @@ class StopFlag:
     def _handle(self, signum: int, _frame) -> None:
         if self.signum is not None or self.at_once:  # a second signal, or nothing to finish first
             self.signum = signum
-            raise self._error(signum)
+            raise _StopNow(signum)
         self.signum = signum
         logger.warning("%s received: finishing the batch in flight, then stopping", signal.Signals(signum).name)
 
@@ -52,6 +62,8 @@ def stop_on_signals(at_once: bool = False, outcome: str | None = None):
     previous = {s: signal.signal(s, stop._handle) for s in SIGNALS}
     try:
         yield stop
+    except _StopNow as e:
+        raise stop._error(e.signum) from None
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
