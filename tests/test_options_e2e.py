@@ -291,3 +291,15 @@ def test_prometheus_out_records_success_then_failure_atomically(bert, export_cac
     assert [p.name for p in textfile.iterdir()] == ["embedder.prom"]
     # A new file renamed over the old one (a reader never sees it half written), not rewritten in place.
     assert prom.stat().st_ino != inode
+
+
+def test_prometheus_label_escapes_what_the_format_requires(tmp_path):
+    """A path with a backslash, a quote or a newline still gives one sample per line."""
+    from embedder.run.report import write_prometheus
+
+    path = tmp_path / "embedder.prom"
+    write_prometheus(path, 'out\\dir/"x"\nname.parquet', 0, {"rows": 3})
+    samples = [line for line in path.read_text().splitlines() if not line.startswith("#")]
+    assert samples[0] == 'embedder_last_exit_code{output="out\\\\dir/\\"x\\"\\nname.parquet"} 0'
+    assert [s.split("{")[0] for s in samples] == ["embedder_last_exit_code", "embedder_last_run_timestamp_seconds",
+                                                   "embedder_rows"]

@@ -58,7 +58,8 @@ _PROMETHEUS = (
 
 def write_prometheus(path: Path, output: str, exit_code: int, metrics: dict | None) -> None:
     """Write the run's figures atomically (the collector must never read a half-written file)."""
-    label = '{output="%s"}' % output.replace("\\", "\\\\").replace('"', '\\"')
+    escaped = output.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")  # the format's three escapes
+    label = '{output="%s"}' % escaped
     lines = [
         "# HELP embedder_last_exit_code Exit code of the last run (0 success)",
         "# TYPE embedder_last_exit_code gauge",
