@@ -219,7 +219,10 @@ def main() -> int:
     (args.out_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     title = (f"{args.model or 'all-MiniLM-L6-v2'}, {len(texts)} docstring rows (mean {lengths.mean():.0f} tokens), "
              f"{machine['processor']}, {args.threads} threads")
-    chart(results, args.out_dir / "chart.png", title)
+    try:
+        chart(results, args.out_dir / "chart.png", title)
+    except ImportError:  # matplotlib is a tool of the bench, not a dependency of the project
+        print("chart skipped: pip install matplotlib to draw bench/chart.png", file=sys.stderr)
     print(markdown(summary))
     return 0
 

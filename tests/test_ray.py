@@ -240,7 +240,8 @@ def test_sigterm_stops_the_ray_driver_with_no_output_and_nothing_left(job_args, 
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=180)
     assert proc.returncode == 128 + signal.SIGTERM, stderr
-    last = stderr.strip().splitlines()[-1]
-    assert last.startswith("jobs.embed_ray: error: stopped by SIGTERM") and "OUT was not written" in last
-    assert "Traceback" not in stderr
+    # Ray's own processes may still log to this stderr while they stop; the job's part is one line.
+    [ours] = [line for line in stderr.splitlines() if line.startswith("jobs.embed_ray: error:")]
+    assert ours.startswith("jobs.embed_ray: error: stopped by SIGTERM") and "OUT was not written" in ours
+    assert f'File "{ROOT / "embedder"}' not in stderr  # no traceback through the job's code
     assert not out.exists() and not list(tmp_path.glob(".vecs*"))

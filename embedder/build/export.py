@@ -390,15 +390,12 @@ def _check_interface(info, input_names: list[str], dim: int) -> None:
 
 def _validate(torch, wrapper, graph_path: Path, backend, input_names, spec: ModelSpec, pad_id: int, np) -> dict:
     """Run the graph and the PyTorch wrapper on an unseen batch shape; raise with the figures."""
-    import onnxruntime as ort
-
     texts = list(_CHECK_TEXTS)
     if spec.max_seq_length > 64:
         texts.append(" ".join(_CHECK_TEXTS * 40))  # longer than max_seq_length: exercises truncation
     batch = _encode(backend, texts, spec.max_seq_length, pad_id)
     feeds = {n: batch[n] for n in input_names}
-    session = ort.InferenceSession(str(graph_path), providers=["CPUExecutionProvider"])
-    got = session.run([OUTPUT_NAME], feeds)[0]
+    got, _ = _run_graph(graph_path, [feeds])  # on the CPU, with the job's own session settings
     with torch.no_grad():
         want = wrapper(*(torch.from_numpy(feeds[n]) for n in input_names)).numpy()
     max_abs = float(np.abs(got - want).max())

@@ -234,13 +234,19 @@ def _execute(ray, inputs: InputSet, graph: GraphSource, worker: WorkerOptions, o
             )
         results: list[dict] = []
         progress = Progress(inputs.total_rows, config.progress)
+        batches = iter(dataset.iter_batches(batch_size=None, batch_format="pyarrow"))
         try:
-            for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for batch in batches:
                 rows = batch.to_pylist()
                 results += rows
                 progress.update(sum(r["rows"] for r in rows))
         finally:
             progress.close()
+            # Stopped early (a signal, a failed block): end Ray Data's execution now, while Ray is still up,
+            # rather than leaving its threads to fail noisily after the driver shuts Ray down.
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
         return results
     except (EmbedderError, KeyboardInterrupt):
         raise
