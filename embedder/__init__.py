@@ -43,6 +43,7 @@ __all__ = [
     "read_graph_info",
 ]
 
+
 def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'embedder' has no attribute '{name}'")
