@@ -19,7 +19,7 @@ from embedder.build.cache import get_or_export
 from embedder.config import ExportOptions, JobConfig, check_embedding_options, default_cache_dir
 from embedder.errors import InputError, UsageError
 from embedder.infer.devices import candidates
-from embedder.infer.window import BatchingOptions, WindowEmbedder
+from embedder.infer.window import BatchingOptions, WindowEmbedder, text_settings
 from embedder.io.parquet import is_text_type
 from embedder.metrics import Metrics
 from embedder.model.spec import Pooling, load_spec
@@ -64,6 +64,8 @@ class Embedder:
         # Refuse a device the precision cannot run on now, not after an export.
         candidates(device, precision)
         spec = load_spec(None if model is None else str(model), export.pooling)
+        text_settings(max_seq_len, prompt, spec.max_seq_length, spec.prompts, spec.default_prompt_name,
+                      spec.include_prompt)  # a bad max_seq_len or prompt costs no export
         artifact = get_or_export(spec, export, _path(cache_dir) or default_cache_dir())
         self._window_embedder = WindowEmbedder(artifact, device, threads, max_seq_len, prompt,
                                                 BatchingOptions(max_tokens, max_batch_size))

@@ -161,11 +161,12 @@ def test_max_seq_len_truncates_as_sentence_transformers_does(bert, bert_st, expo
     assert_vectors_match(got[~cut], full[~cut])
 
 
-def test_max_seq_len_above_the_models_limit_is_a_usage_error(bert, export_cache_dir, tmp_path, capsys):
-    """Above the model's max_seq_length (its position table ends there): exit 2, one line, no output."""
-    source, out = tmp_path / "in.parquet", tmp_path / "out.parquet"
+def test_max_seq_len_above_the_models_limit_is_a_usage_error(bert, tmp_path, capsys):
+    """Above the model's max_seq_length (its position table ends there): exit 2, one line, no output, and
+    no export first (the cache folder, cold, stays empty)."""
+    source, out, cache = tmp_path / "in.parquet", tmp_path / "out.parquet", tmp_path / "cache"
     pq.write_table(pa.table({"text": TEXTS}), source)
-    rc = embed_main(["--in", str(source), "--out", str(out), "--model", str(bert), "--cache-dir", str(export_cache_dir),
+    rc = embed_main(["--in", str(source), "--out", str(out), "--model", str(bert), "--cache-dir", str(cache),
                      "--device", "cpu", "--progress", "off", "--log-level", "ERROR",
                      "--max-seq-len", str(MAX_SEQ_LENGTH + 1)])
     captured = capsys.readouterr()
@@ -173,7 +174,7 @@ def test_max_seq_len_above_the_models_limit_is_a_usage_error(bert, export_cache_
     assert captured.err.strip().splitlines() == [
         f"jobs.embed: error: --max-seq-len {MAX_SEQ_LENGTH + 1} exceeds the model's max_seq_length {MAX_SEQ_LENGTH}"
     ]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.parquet"]  # no output, no work folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.parquet"]  # no output, no work folder, no export
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ Shared by the single-process job and the Ray workers, so both give the same vect
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -99,13 +100,24 @@ class WindowEmbedder:
 def make_tokenizer(artifact: Artifact, max_seq_len: int | None, prompt: str | None) -> TextTokenizer:
     """The tokenizer the graph expects, with the model's limit and prompt applied."""
     manifest = artifact.manifest
-    limit = manifest.max_seq_length
+    length, text_prompt = text_settings(max_seq_len, prompt, manifest.max_seq_length, manifest.prompts,
+                                        manifest.default_prompt_name, manifest.include_prompt)
+    return TextTokenizer(artifact.tokenizer_path, length, text_prompt)
+
+
+def text_settings(max_seq_len: int | None, prompt: str | None, limit: int, prompts: Mapping[str, str],
+                  default_prompt_name: str | None, include_prompt: bool) -> tuple[int, str]:
+    """(tokens kept per text, the prompt text) for --max-seq-len and --prompt, checked against the model.
+
+    Callers check with the ModelSpec before exporting (a refusal costs no export) and the tokenizer is
+    built from the manifest: both record the same pipeline.
+    """
     if max_seq_len is not None and max_seq_len > limit:
         raise UsageError(f"--max-seq-len {max_seq_len} exceeds the model's max_seq_length {limit}")
-    text_prompt = resolve_prompt(prompt, manifest.prompts, manifest.default_prompt_name)
-    if text_prompt and not manifest.include_prompt:
+    text_prompt = resolve_prompt(prompt, dict(prompts), default_prompt_name)
+    if text_prompt and not include_prompt:
         raise UnsupportedModelError(
             "this model excludes prompt tokens from pooling (include_prompt false), which the exported graph "
             "does not reproduce; run without a prompt"
         )
-    return TextTokenizer(artifact.tokenizer_path, max_seq_len or limit, text_prompt)
+    return max_seq_len or limit, text_prompt

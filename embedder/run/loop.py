@@ -25,7 +25,7 @@ from embedder import __version__
 from embedder.build.cache import get_or_export
 from embedder.config import JobConfig, default_cache_dir
 from embedder.infer.tokenize import TextTokenizer
-from embedder.infer.window import WindowEmbedder, make_tokenizer
+from embedder.infer.window import WindowEmbedder, make_tokenizer, text_settings
 from embedder.io.atomic import write_json_atomic
 from embedder.io.parquet import InputSet, check_output, open_inputs
 from embedder.manifest import Artifact
@@ -61,6 +61,8 @@ def set_up(config: JobConfig, metrics: Metrics, folder_output: bool = False,
     before_model()
     with metrics.stage("model"):
         spec = load_spec(config.model, config.export.pooling)
+        text_settings(config.max_seq_len, config.prompt, spec.max_seq_length, spec.prompts, spec.default_prompt_name,
+                      spec.include_prompt)  # a bad --max-seq-len or --prompt costs no export
         artifact = get_or_export(spec, config.export, config.cache_dir or default_cache_dir())
         tokenizer = make_tokenizer(artifact, config.max_seq_len, config.prompt)
     metrics.cache_hit = artifact.hit
