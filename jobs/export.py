@@ -9,7 +9,7 @@ from pathlib import Path
 
 from embedder.build.cache import get_or_export
 from embedder.config import PRECISIONS, ExportOptions, default_cache_dir
-from embedder.model.spec import load_spec, parse_pooling
+from embedder.model.spec import load_spec
 from jobs._cli import run_main, setup_logging
 
 
@@ -39,9 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
 
     def export() -> int:
-        pooling = parse_pooling(args.pooling) if args.pooling else None
-        spec = load_spec(args.model, pooling)
-        options = ExportOptions(normalize=not args.no_normalize, precision=args.precision)
+        # The same options object the job builds, so both read --pooling alike and share the cache entry.
+        options = ExportOptions(pooling=args.pooling, normalize=not args.no_normalize, precision=args.precision)
+        spec = load_spec(args.model, options.pooling)
         artifact = get_or_export(spec, options, args.cache_dir or default_cache_dir())
         print(json.dumps({"cache_hit": artifact.hit, "folder": str(artifact.folder), **artifact.manifest.record}, indent=2))
         return 0
