@@ -76,3 +76,9 @@ class Interrupted(EmbedderError):
         name = signal.Signals(signum).name
         super().__init__(f"stopped by {name}; {outcome}")
         self.exit_code = 128 + signum
+
+
+def first_line(error: BaseException) -> str:
+    """The first non-blank line of an error's message (library errors can run to pages), else its type."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__

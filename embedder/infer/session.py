@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embedder.errors import DeviceError
+from embedder.errors import DeviceError, first_line
 from embedder.infer.devices import CPU, DEVICE_KINDS, Device, DeviceKind, candidates
 
 logger = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def open_session(graph: Path, kind: DeviceKind, index: int = 0, threads: int | N
     try:
         session = _session(ort, graph, providers, threads)
     except Exception as e:  # onnxruntime raises its own RuntimeError subclasses (e.g. a CUDA failure)
-        return None, f"onnxruntime could not create a {kind.label} session: {_first_line(e)}"
+        return None, f"onnxruntime could not create a {kind.label} session: {first_line(e)}"
     if session.get_providers()[0] != kind.provider:
         return None, (f"onnxruntime's {kind.provider} did not load (for CUDA: an NVIDIA driver, CUDA 13 and cuDNN 9 "
                       "libraries on the library path; onnxruntime logged the details above)")
@@ -107,13 +107,7 @@ def create_encoder(graphs: dict[str, Path] | str | os.PathLike, device: str | De
             names = tuple(i.name for i in session.get_inputs())
             dim = int(session.get_outputs()[0].shape[1])
             return Encoder(session, names, kind, name, dim, graphs[kind.name])
-        if kind is tried[-1]:
-            why = f"--device {asked}" if device.kind != "auto" else f"--precision {precision} needs {kind.label}"
-            raise DeviceError(f"{why}: {reason}")
-        logger.info("device auto: %s unavailable, trying the next kind (%s)", kind.label, reason)
-    raise AssertionError("unreachable")
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+        if kind is not tried[-1]:
+            logger.info("device auto: %s unavailable, trying the next kind (%s)", kind.label, reason)
+    why = f"--device {asked}" if device.kind != "auto" else f"--precision {precision} needs {tried[-1].label}"
+    raise DeviceError(f"{why}: {reason}")

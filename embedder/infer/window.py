@@ -42,8 +42,9 @@ class WindowEmbedder:
 
     def __init__(self, artifact: Artifact, device: str = "auto", threads: int | None = None,
                  max_seq_len: int | None = None, prompt: str | None = None,
-                 batching: BatchingOptions = BatchingOptions()):
-        self.tokenizer = make_tokenizer(artifact, max_seq_len, prompt)
+                 batching: BatchingOptions = BatchingOptions(), tokenizer: TextTokenizer | None = None):
+        # tokenizer: one already made by make_tokenizer for these max_seq_len and prompt (the run loop's).
+        self.tokenizer = tokenizer or make_tokenizer(artifact, max_seq_len, prompt)
         self.encoder: Encoder = create_encoder(artifact.graphs, device, threads, artifact.precision)
         self.pad_id = artifact.manifest.pad_token_id
         if batching.max_tokens is None:

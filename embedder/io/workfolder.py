@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import embedder.hooks as hooks
-from embedder.errors import InputError, LockedError, OutputError, OutputExistsError, UsageError
+from embedder.errors import InputError, LockedError, OutputError, OutputExistsError, UsageError, first_line
 from embedder.io.atomic import fsync_path, write_bytes_atomic
 from embedder.io.parquet import ParquetOutput
 
@@ -148,7 +148,7 @@ class WorkFolder:
                     raise  # writing OUT failed (a full disk): the parts are fine, a rerun resumes
                 except (pa.ArrowInvalid, OSError) as e:
                     self._drop_from(index)
-                    raise OutputError(f"committed part {part} is corrupt ({_first_line(e)}); it and the parts after "
+                    raise OutputError(f"committed part {part} is corrupt ({first_line(e)}); it and the parts after "
                                       "it are removed: rerun the same command to redo those windows") from e
                 hooks.reached("merge", index + 1)
             return output.rows
@@ -180,8 +180,3 @@ class WorkFolder:
                 shutil.rmtree(child)
             else:
                 child.unlink()
-
-
-def _first_line(error: Exception) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__

@@ -30,7 +30,7 @@ def run(config: JobConfig) -> dict:
     setup = set_up(config, metrics)
     with metrics.stage("model"):
         embedder = WindowEmbedder(setup.artifact, config.device, config.threads, config.max_seq_len, config.prompt,
-                                  BatchingOptions(config.max_tokens, config.max_batch_size))
+                                  BatchingOptions(config.max_tokens, config.max_batch_size), setup.tokenizer)
     encoder, inputs = embedder.encoder, setup.inputs
     metrics.provider, metrics.device = encoder.provider, encoder.device
     metrics.batching = {"window_rows": config.window_rows, "max_tokens": embedder.batching.max_tokens,

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from embedder import errors
 from embedder.config import JobConfig
-from embedder.errors import EmbedderError, InputError, OutputError, OutputExistsError, UsageError
+from embedder.errors import EmbedderError, InputError, OutputError, OutputExistsError, UsageError, first_line
 from embedder.infer.devices import Device, DeviceKind, candidates
 from embedder.infer.window import BatchingOptions
 from embedder.io.parquet import InputSet
@@ -269,7 +269,7 @@ def _explain(error: BaseException) -> EmbedderError:
         if isinstance(current, EmbedderError) and type(current).__module__.startswith("embedder."):
             return current
         if isinstance(current, (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError)):
-            return InputError(f"cannot read the input: {_first_line(current)}")
+            return InputError(f"cannot read the input: {first_line(current)}")
         stack += [current.__cause__, current.__context__, getattr(current, "cause", None)]
     # Ray versions that wrap the worker's exception keep only its traceback text: find our error's last line there.
     found = re.findall(r"^embedder\.errors\.(\w+): (.+)$", str(error), flags=re.MULTILINE)
@@ -277,12 +277,9 @@ def _explain(error: BaseException) -> EmbedderError:
         cls = getattr(errors, found[-1][0])
         if issubclass(cls, EmbedderError) and cls is not errors.Interrupted:
             return cls(found[-1][1])
-    return EmbedderError(f"the Ray job failed: {type(error).__name__}: {_first_line(error)}")
+    return EmbedderError(f"the Ray job failed: {type(error).__name__}: {first_line(error)}")
 
 
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
 
 
 class _Staging:
