@@ -198,7 +198,7 @@ def embed_parquet(inputs: PathLike, output: PathLike, *, model: str | os.PathLik
     """
     config = JobConfig(
         inputs=str(inputs),
-        output=_path(output),
+        output=os.fspath(output),
         model=None if model is None else str(model),
         text_col=text_col,
         keep_cols=keep_cols,

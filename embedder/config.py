@@ -49,8 +49,8 @@ def default_cache_dir() -> Path:
 class JobConfig:
     """Everything one run of the batch job needs, checked once here."""
 
-    inputs: str
-    output: Path
+    inputs: str  # a file, folder or glob; a local path or a URI (s3://)
+    output: str  # a file, or a folder of parts where it ends in '/'; a local path or a URI
     model: str | None = None
     text_col: str = "text"
     keep_cols: tuple[str, ...] | str | None = None  # None: every column but the text column; "a,b" as --keep-cols
@@ -73,6 +73,8 @@ class JobConfig:
 
     def __post_init__(self) -> None:
         # The command line's string forms are parsed here, once for every caller (jobs/, embedder.api).
+        object.__setattr__(self, "inputs", _location(self.inputs, "--in"))
+        object.__setattr__(self, "output", _location(self.output, "--out"))
         if self.keep_cols is not None:
             object.__setattr__(self, "keep_cols", parse_columns(self.keep_cols))
         object.__setattr__(self, "shard", parse_shard(self.shard))
@@ -83,6 +85,16 @@ class JobConfig:
             raise UsageError("--resume and --restart contradict each other; pick one")
         if not self.text_col:
             raise UsageError("--text-col must name a column")
+
+
+def _location(value, flag: str) -> str:
+    """A path or URI as given (a trailing '/' is meaningful); a PathLike becomes its string."""
+    import os
+
+    text = os.fspath(value) if not isinstance(value, str) else value
+    if not text:
+        raise UsageError(f"{flag} must name a file, folder or URI")
+    return text
 
 
 def check_embedding_options(max_seq_len: int | None, max_tokens: int | None, max_batch_size: int, window_rows: int,

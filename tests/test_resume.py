@@ -65,7 +65,7 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_output(crash_at, job_args, r
     killed = run_job([*job_args, "--out", str(out)], **fault_env(tmp_path / "fault.json", point=point, count=int(count)))
     assert killed.returncode == -signal.SIGKILL
     assert not out.exists()
-    assert WorkFolder(out).path.is_dir()
+    assert Path(WorkFolder(out).path).is_dir()
 
     resumed = run_job([*job_args, "--out", str(out)])
     assert resumed.returncode == 0, resumed.stderr
@@ -74,7 +74,7 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_output(crash_at, job_args, r
         assert metrics["resumed_rows"] > 0  # committed windows were not redone
     assert metrics["output_rows"] == reference.num_rows
     assert pq.read_table(out).equals(reference)  # bit-identical: ids, carried columns, vectors
-    assert not WorkFolder(out).path.exists()
+    assert not Path(WorkFolder(out).path).exists()
     assert not list(tmp_path.glob(".*"))
 
 
@@ -83,7 +83,7 @@ def test_a_signal_stops_cleanly_and_resume_completes(signum, job_args, reference
     out = tmp_path / "vecs.parquet"
     args = [sys.executable, "-m", "jobs.embed", *job_args, "--out", str(out), "--max-batch-size", "2"]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first_part = WorkFolder(out).path / part_name(0)
+    first_part = Path(WorkFolder(out).path) / part_name(0)
     deadline = time.monotonic() + 120
     while not first_part.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -204,7 +204,7 @@ def test_the_library_reads_no_fault_setting_of_its_own(job_args, reference, tmp_
 def committed_after_kill(job_args, out: Path, tmp_path: Path, windows: int) -> list[Path]:
     armed = fault_env(tmp_path / "fault.json", point="window", count=windows)
     assert run_job([*job_args, "--out", str(out)], **armed).returncode == -signal.SIGKILL
-    return [WorkFolder(out).path / part_name(i) for i in range(windows)]
+    return [Path(WorkFolder(out).path) / part_name(i) for i in range(windows)]
 
 
 def test_a_truncated_committed_part_is_detected_and_its_windows_redone(job_args, reference, tmp_path):

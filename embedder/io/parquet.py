@@ -1,43 +1,53 @@
-"""Streaming Parquet input, atomic Parquet output, and the output schema and metadata."""
+"""Streaming Parquet input from a local disk or a bucket: resolve, validate, read row groups in order."""
 
 from __future__ import annotations
 
 import glob
 import logging
-import os
-import tempfile
+import posixpath
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from embedder.errors import InputError, OutputError, OutputExistsError, UsageError
+from embedder.errors import InputError, UsageError, first_line
+from embedder.io.store import FileEntry, Store, in_byte_order, locate
 from embedder.schema import EMBEDDING_COLUMN
 
 logger = logging.getLogger(__name__)
 
-def resolve_inputs(spec: str) -> list[Path]:
-    """One Parquet file, a folder of them (recursively, in name order), or a glob."""
-    path = Path(spec).expanduser()
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        files = sorted(
-            p
-            for p in path.rglob("*.parquet")
-            if p.is_file() and not any(part.startswith((".", "_")) for part in p.relative_to(path).parts)
-        )
+def resolve_inputs(spec: str) -> tuple[Store, list[FileEntry]]:
+    """One Parquet file, a folder of them (recursively), or a glob; local or in a bucket.
+
+    Files come in the byte order of their paths, the same on every store. In a folder, names starting with
+    '.' or '_' are skipped at every level (work folders, _SUCCESS markers, Spark's _temporary).
+    """
+    store, path = locate(spec)
+    if glob.has_magic(path):
+        files = [e for e in store.glob(path) if not store.name(e.path).startswith((".", "_"))]
+        if not files:
+            _explain_nothing(store, path)
+            raise InputError(f"input glob {spec} matches no files")
+        return store, in_byte_order(files)
+    entry = store.entry(path) if not spec.endswith("/") else None
+    if entry is not None:
+        return store, [entry]
+    if store.is_folder(path):
+        files = [e for e in store.list_files(path) if e.path.endswith(".parquet")
+                 and not any(part.startswith((".", "_")) for part in posixpath.relpath(e.path, path).split("/"))]
         if not files:
             raise InputError(f"input folder {spec} holds no .parquet files")
-        return files
-    if glob.has_magic(spec):
-        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file())
-        if not files:
-            raise InputError(f"input glob {spec} matches no files")
-        return files
+        return store, in_byte_order(files)
+    _explain_nothing(store, path)
     raise InputError(f"input {spec} does not exist")
+
+
+def _explain_nothing(store: Store, path: str) -> None:
+    """Where nothing was found in a bucket, say if the bucket itself is missing or forbidden."""
+    check_bucket = getattr(store, "check_bucket", None)
+    if check_bucket is not None:
+        check_bucket(path)
 
 
 def is_text_type(arrow_type: pa.DataType) -> bool:
@@ -50,9 +60,9 @@ def is_text_type(arrow_type: pa.DataType) -> bool:
 
 @dataclass(frozen=True)
 class Unit:
-    """One row group of one file: the grain of sharding and of resuming."""
+    """One row group of one file (a store path): the grain of sharding and of resuming."""
 
-    file: Path
+    file: str
     row_group: int
     rows: int
 
@@ -64,14 +74,19 @@ class InputSet:
     units: tuple[Unit, ...]
     text_col: str
     keep_schema: pa.Schema
+    store: Store
+    versions: dict[str, str]  # each file's version (size and mtime, or ETag) when it was checked
 
     @property
     def keep_cols(self) -> list[str]:
         return self.keep_schema.names
 
     @property
-    def files(self) -> tuple[Path, ...]:
+    def files(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(u.file for u in self.units))
+
+    def uris(self) -> list[str]:
+        return [self.store.uri(f) for f in self.files]
 
     @property
     def total_rows(self) -> int:
@@ -86,20 +101,22 @@ class InputSet:
             if (start * count // total if total else 0) == index:
                 chosen.append(unit)
             start += unit.rows
-        return InputSet(tuple(chosen), self.text_col, self.keep_schema)
+        return InputSet(tuple(chosen), self.text_col, self.keep_schema, self.store, self.versions)
 
 
 def open_inputs(spec: str, text_col: str, keep_cols: list[str] | None) -> InputSet:
     """Check every file's footer and schema before any work: bad input fails in the first second."""
-    files = resolve_inputs(spec)
+    store, entries = resolve_inputs(spec)
+    files = [store.uri(e.path) for e in entries]
     keep_schema: pa.Schema | None = None
     units: list[Unit] = []
-    for path in files:
+    for entry, path in zip(entries, files):
         try:
-            meta = pq.read_metadata(path)
+            with store.open_input(entry.path) as source:
+                meta = pq.read_metadata(source)
             schema = meta.schema.to_arrow_schema()
         except (pa.ArrowInvalid, OSError) as e:
-            raise InputError(f"{path} is not a readable Parquet file: {e}") from e
+            raise InputError(f"{path} is not a readable Parquet file: {first_line(e)}") from e
         if text_col not in schema.names:
             raise InputError(f"{path}: column '{text_col}' not found; columns are: {', '.join(schema.names)}")
         text_type = schema.field(text_col).type
@@ -125,9 +142,9 @@ def open_inputs(spec: str, text_col: str, keep_cols: list[str] | None) -> InputS
             if extra and keep_cols is None:
                 logger.warning("%s: columns %s are not in %s and are not carried to the output (name the columns "
                                "with --keep-cols to silence this)", path, ", ".join(extra), files[0])
-        units += [Unit(path, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups)]
+        units += [Unit(entry.path, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups)]
     assert keep_schema is not None
-    return InputSet(tuple(units), text_col, keep_schema)
+    return InputSet(tuple(units), text_col, keep_schema, store, {e.path: e.version for e in entries})
 
 
 def _widen(keep_schema: pa.Schema, schema: pa.Schema) -> pa.Schema:
@@ -154,8 +171,9 @@ def iter_record_batches(inputs: InputSet, batch_rows: int, skip_rows: int = 0) -
     """
     columns = [*inputs.keep_cols, inputs.text_col]
     target = inputs.keep_schema.append(pa.field(inputs.text_col, pa.large_string()))
-    for path in inputs.files:
-        units = [u for u in inputs.units if u.file == path]
+    for file in inputs.files:
+        path = inputs.store.uri(file)
+        units = [u for u in inputs.units if u.file == file]
         groups = []
         for unit in units:
             if skip_rows >= unit.rows:
@@ -165,7 +183,14 @@ def iter_record_batches(inputs: InputSet, batch_rows: int, skip_rows: int = 0) -
         if not groups:
             continue
         try:
-            reader = pq.ParquetFile(path, page_checksum_verification=True)  # where the writer stored CRCs
+            source = inputs.store.open_input(file)
+        except OSError as e:
+            raise InputError(f"{path}: cannot open: {first_line(e)}") from e
+        try:
+            if inputs.versions.get(file) != (now := _version(inputs.store, file)):
+                raise InputError(f"{path} changed while the job ran (was {inputs.versions.get(file)}, now {now}); "
+                                 "rerun when the input is final")
+            reader = pq.ParquetFile(source, page_checksum_verification=True)  # where the writer stored CRCs
             file_row = sum(reader.metadata.row_group(i).num_rows for i in range(groups[0]))
             for batch in reader.iter_batches(batch_size=batch_rows, row_groups=groups, columns=columns):
                 file_row += batch.num_rows
@@ -179,10 +204,17 @@ def iter_record_batches(inputs: InputSet, batch_rows: int, skip_rows: int = 0) -
                     batch = _conform(batch, target, path)
                 yield batch
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
-            raise InputError(f"{path}: cannot read: {e}") from e
+            raise InputError(f"{path}: cannot read: {first_line(e)}") from e
+        finally:
+            source.close()
 
 
-def _conform(batch: pa.RecordBatch, target: pa.Schema, path: Path) -> pa.RecordBatch:
+def _version(store: Store, path: str) -> str | None:
+    entry = store.entry(path)
+    return None if entry is None else entry.version
+
+
+def _conform(batch: pa.RecordBatch, target: pa.Schema, path: str) -> pa.RecordBatch:
     """Decode dictionaries and cast to the first file's types, so every output row group agrees."""
     arrays = []
     for field in target:
@@ -223,66 +255,3 @@ def check_utf8(column: pa.Array | pa.ChunkedArray, name: str, row_label: Callabl
                 f"{where}column '{name}' holds bytes that are not valid UTF-8 (row {row_label(row)}: {e.reason} "
                 f"at byte {e.start}); decode or clean the text before embedding"
             ) from None
-
-
-def check_output(out: Path, overwrite: bool, folder: bool = False) -> None:
-    """Refuse an existing OUT (unless overwrite) and an output folder we cannot write, before any work.
-
-    folder: OUT is a folder of part files (the Ray job), not a file.
-    """
-    if out.is_dir() and not folder:
-        raise UsageError(f"output {out} is a folder; give a file path")
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"output {out} exists; pass --overwrite to replace it")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise UsageError(f"output folder {parent} does not exist")
-    # Probe with a real file: permission bits say nothing for root or read-only mounts.
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".probe", dir=parent)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise UsageError(f"output folder {parent} is not writable: {e.strerror}") from e
-
-
-class ParquetOutput:
-    """Writes row groups to a hidden temporary file beside OUT and renames it into place on success.
-
-    Nothing appears at OUT until every row is written; on any error the temporary file is removed.
-    """
-
-    def __init__(self, out: Path, schema: pa.Schema, overwrite: bool):
-        self.out = out
-        self.schema = schema
-        self.overwrite = overwrite
-        self.tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        self.rows = 0
-        self._writer: pq.ParquetWriter | None = None
-
-    def __enter__(self) -> ParquetOutput:
-        try:
-            self._writer = pq.ParquetWriter(self.tmp, self.schema)
-        except OSError as e:
-            raise OutputError(f"cannot create {self.tmp}: {e}") from e
-        return self
-
-    def write(self, table: pa.Table) -> None:
-        try:
-            self._writer.write_table(table)
-        except OSError as e:
-            raise OutputError(f"writing {self.tmp} failed: {e}") from e
-        self.rows += table.num_rows
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            self._writer.close()
-            if exc_type is None:
-                if self.out.exists() and not self.overwrite:
-                    raise OutputExistsError(f"output {self.out} appeared while the job ran; not replacing it")
-                os.replace(self.tmp, self.out)
-        except OSError as e:
-            if exc_type is None:
-                raise OutputError(f"finishing {self.out} failed: {e}") from e
-        finally:
-            self.tmp.unlink(missing_ok=True)

@@ -1,72 +1,108 @@
 """Progress that survives kill -9: a work folder beside OUT with one committed part file per window.
 
-    .OUT.work/fingerprint.json   what the progress belongs to (inputs, model, graph, options)
-    .OUT.work/part-000000.parquet one per committed window, written to a temporary name, fsynced, renamed
+    .OUT.work/fingerprint.json    what the progress belongs to (inputs, model, graph, options)
+    .OUT.work/part-000000.parquet one per committed window, appearing only once complete
+    .OUT.work/_lease              a bucket's lock (on disk the folder itself is flock'ed)
 
-A rerun with the same fingerprint skips the committed windows; the final OUT is the parts merged in
-order, written atomically (a single part is renamed into place), after which the work folder is removed.
+On disk a part is written to a temporary name, fsynced and renamed; in a bucket it is one PUT or one
+completed multipart upload (io/store.py). A rerun with the same fingerprint skips the committed windows.
+OUT is then published:
+    a file (OUT has no trailing '/'): the parts merged in order into one file that appears complete (a single
+        part is renamed, or copied server-side, into place);
+    a folder (OUT ends in '/'): the parts themselves, part-000000.parquet onwards, and a _SUCCESS marker last.
+        On disk the finished folder is renamed into place, so a reader sees all of it or nothing; a bucket has
+        no rename, so the parts are copied server-side and readers must wait for _SUCCESS.
+The work folder is removed afterwards.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
-import os
-import shutil
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 import embedder.hooks as hooks
-from embedder.errors import InputError, LockedError, OutputError, OutputExistsError, UsageError, first_line
-from embedder.io.atomic import fsync_path, write_bytes_atomic
-from embedder.io.parquet import ParquetOutput
+from embedder.errors import InputError, OutputError, OutputExistsError, UsageError, first_line
+from embedder.io.local_store import LocalStore
+from embedder.io.store import locate
 
 logger = logging.getLogger(__name__)
 
 FINGERPRINT = "fingerprint.json"
+LEASE = "_lease"
+SUCCESS = "_SUCCESS"
 
 
 def part_name(index: int) -> str:
-    """The name of part `index` (from 0): the work folder's committed windows and the Ray job's output parts."""
+    """The name of part `index` (from 0): the work folder's committed windows and a folder OUT's parts."""
     return f"part-{index:06d}.parquet"
 
 
-class WorkFolder:
-    """The committed windows of one job writing OUT."""
+def is_folder_output(spec: str) -> bool:
+    """OUT names a folder of parts, not a file: chosen by a trailing '/'."""
+    return spec.endswith("/")
 
-    def __init__(self, out: Path):
-        self.out = out
-        self.path = out.with_name(f".{out.name}.work")
+
+class WorkFolder:
+    """The committed windows of one job writing OUT (a local path or a bucket URI)."""
+
+    def __init__(self, out: str):
+        out = str(out)
+        self.folder_output = is_folder_output(out)
+        self.store, self.out = locate(out)
+        self.out_uri = self.store.uri(self.out) + ("/" if self.folder_output else "")
+        self.path = self.store.join(self.store.parent(self.out), f".{self.store.name(self.out)}.work")
+        # On disk a folder OUT is built inside the work folder and renamed into place whole.
+        self._renames = self.folder_output and isinstance(self.store, LocalStore)
+        self.parts = self.store.join(self.path, "dataset") if self._renames else self.path
+        self._check: Callable[[], None] = lambda: None
+
+    def _part(self, index: int) -> str:
+        return self.store.join(self.parts, part_name(index))
+
+    def has_progress(self) -> bool:
+        return self.store.read_bytes(self.store.join(self.path, FINGERPRINT)) is not None
+
+    def check_output(self, overwrite: bool) -> None:
+        """Refuse an existing OUT (unless overwrite) and a place we cannot write, before any work."""
+        store, out = self.store, self.out
+        if store.is_folder(out) and not self.folder_output:
+            raise UsageError(f"output {self.out_uri} is a folder; give a file path, or end it with '/' to write "
+                             "a folder of parts")
+        if self.folder_output and store.entry(out) is not None:
+            raise UsageError(f"output {self.out_uri} is a file; drop the trailing '/' to write a file")
+        exists = store.is_folder(out) if self.folder_output else store.entry(out) is not None
+        # A bucket's folder OUT without _SUCCESS, beside our progress, is a publish cut short: finish it.
+        unfinished = (self.folder_output and not self._renames and exists and self.has_progress()
+                      and store.entry(store.join(out, SUCCESS)) is None)
+        if exists and not overwrite and not unfinished:
+            raise OutputExistsError(f"output {self.out_uri} exists; pass --overwrite to replace it")
+        store.check_writable(store.parent(out) or out)
 
     @contextlib.contextmanager
-    def locked(self):
-        """Hold an exclusive lock on the work folder: a second job writing the same OUT fails at once."""
-        try:
-            self.path.mkdir(exist_ok=True)
-            fd = os.open(self.path, os.O_RDONLY)
-        except OSError as e:
-            raise OutputError(f"cannot create work folder {self.path}: {e}") from e
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise LockedError(f"another job is writing {self.out} (its work folder {self.path} is locked)") from None
+    def locked(self, take_over: bool = False):
+        """Hold the work folder's lock: a second job writing the same OUT fails at once."""
+        with self.store.lock(self.path, self.out_uri, take_over) as check:
+            self._check = check
             try:
                 yield self
             except BaseException:
                 self._remove_if_uncommitted()  # a failed run with nothing to resume leaves nothing behind
                 raise
-        finally:
-            os.close(fd)
+            finally:
+                self._check = lambda: None
+
+    def _committed_names(self) -> set[str]:
+        return {self.store.name(e.path) for e in self.store.list_files(self.parts)}
 
     def _remove_if_uncommitted(self) -> None:
-        if not any(self.path.glob("part-*.parquet")):
-            shutil.rmtree(self.path, ignore_errors=True)
+        with contextlib.suppress(Exception):
+            if not any(name.startswith("part-") for name in self._committed_names()):
+                self.store.delete_folder(self.path)
 
     def prepare(self, fingerprint: dict, restart: bool, require_resume: bool,
                 expected_rows: Callable[[int], int] | None = None) -> int:
@@ -75,108 +111,151 @@ class WorkFolder:
         expected_rows(i), if given, is the row count window i must have: a committed part that is truncated,
         unreadable or of another size is dropped with every part after it, and those windows are redone.
         """
-        stored_file = self.path / FINGERPRINT
+        store = self.store
+        stored_file = store.join(self.path, FINGERPRINT)
         if restart:
             self._clear()
-        stored = json.loads(stored_file.read_text()) if stored_file.is_file() else None
+        raw = store.read_bytes(stored_file)
+        stored = json.loads(raw) if raw is not None else None
         if stored is not None and stored != fingerprint:
             differs = sorted(k for k in fingerprint.keys() | stored.keys() if fingerprint.get(k) != stored.get(k))
             raise UsageError(
-                f"{self.path} holds progress of a run with different {', '.join(differs)}; rerun with the "
-                "original options to resume it, or add --restart to discard it"
+                f"{store.uri(self.path)} holds progress of a run with different {', '.join(differs)}; rerun with "
+                "the original options to resume it, or add --restart to discard it"
             )
-        # Temporary files of a killed run (a part being written, a final write): we hold the lock,
-        # so none of them belongs to a live job.
-        for stray in [*self.path.glob(".*.tmp"), *self.out.parent.glob(f".{self.out.name}.*.tmp")]:
-            stray.unlink(missing_ok=True)
+        store.clear_strays(self.path, self.out)  # we hold the lock: nothing half-written belongs to a live job
+        names = self._committed_names()
         committed = 0
-        while (self.path / part_name(committed)).is_file():
+        while part_name(committed) in names:
             damage = self._damage(committed, expected_rows) if expected_rows is not None else None
             if damage is not None:
                 logger.warning("committed part %s is damaged (%s); redoing window %d and the ones after it",
                                part_name(committed), damage, committed)
-                self._drop_from(committed)
+                self._drop_from(committed, names)
                 break
             committed += 1
         if stored is None:
             if require_resume:
-                raise UsageError(f"--resume: there is no progress to resume in {self.path}")
-            write_bytes_atomic(stored_file, json.dumps(fingerprint, indent=2, sort_keys=True).encode())
+                raise UsageError(f"--resume: there is no progress to resume in {store.uri(self.path)}")
+            store.put_bytes(stored_file, json.dumps(fingerprint, indent=2, sort_keys=True).encode())
         elif committed:
-            logger.info("resuming: %d windows already committed in %s", committed, self.path)
+            logger.info("resuming: %d windows already committed in %s", committed, store.uri(self.path))
         return committed
 
     def _damage(self, index: int, expected_rows: Callable[[int], int]) -> str | None:
         """Why committed part `index` cannot be used (its footer is read, not its pages), or None."""
         try:
-            rows = pq.ParquetFile(self.path / part_name(index)).metadata.num_rows
+            with self.store.open_input(self._part(index)) as source:
+                rows = pq.ParquetFile(source).metadata.num_rows
         except (pa.ArrowInvalid, OSError) as e:
-            return f"unreadable: {e}"
+            return f"unreadable: {first_line(e)}"
         want = expected_rows(index)
         return None if rows == want else f"{rows} rows where the window has {max(want, 0)}"
 
-    def _drop_from(self, index: int) -> None:
-        while (self.path / part_name(index)).is_file():
-            (self.path / part_name(index)).unlink()
+    def _drop_from(self, index: int, names: set[str] | None = None) -> None:
+        names = self._committed_names() if names is None else names
+        while part_name(index) in names:
+            self.store.delete(self._part(index))
             index += 1
 
     def commit(self, index: int, table: pa.Table) -> None:
-        """Write one window's rows; it counts as committed only once renamed into place."""
-        final = self.path / part_name(index)
-        tmp = self.path / f".{final.name}.tmp"
+        """Write one window's rows; it counts as committed only once it appears whole."""
+        self._check()  # a lost lease: another job owns OUT now
         try:
-            with pq.ParquetWriter(tmp, table.schema, write_page_checksum=True) as writer:
-                writer.write_table(table)
-            fsync_path(tmp)
-            os.replace(tmp, final)
+            with self.store.writer(self._part(index)) as sink:
+                with pq.ParquetWriter(sink, table.schema, write_page_checksum=True) as writer:
+                    writer.write_table(table)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise OutputError(f"committing window {index} to {self.path} failed: {e}") from e
+            raise OutputError(f"committing window {index} to {self.store.uri(self.path)} failed: {first_line(e)}") from e
 
-    def merge_into(self, out: Path, schema: pa.Schema, overwrite: bool, windows: int) -> int:
-        """Copy the committed parts, in order, into OUT (atomically); return the row count."""
+    def publish(self, schema: pa.Schema, overwrite: bool, windows: int) -> int:
+        """Make OUT from the committed parts (a file or a folder, as OUT was named); return the row count."""
+        self._check()
+        if self.folder_output:
+            return self._publish_folder(schema, overwrite, windows)
         if windows == 1:
-            return self._rename_only_part(out, overwrite)
-        with ParquetOutput(out, schema, overwrite) as output:
-            for index in range(windows):
-                part = self.path / part_name(index)
-                try:
-                    reader = pq.ParquetFile(part, page_checksum_verification=True)
-                    for group in range(reader.num_row_groups):
-                        output.write(reader.read_row_group(group))
-                except OutputError:
-                    raise  # writing OUT failed (a full disk): the parts are fine, a rerun resumes
-                except (pa.ArrowInvalid, OSError) as e:
-                    self._drop_from(index)
-                    raise OutputError(f"committed part {part} is corrupt ({first_line(e)}); it and the parts after "
-                                      "it are removed: rerun the same command to redo those windows") from e
-                hooks.reached("merge", index + 1)
-            return output.rows
+            return self._move_only_part(overwrite)
+        return self._merge(schema, overwrite, windows)
 
-    def _rename_only_part(self, out: Path, overwrite: bool) -> int:
-        """A one-window job: its committed part, written with OUT's schema and already fsynced, is OUT.
-
-        Renaming it saves decoding and re-encoding every vector (half the write time of such a job).
-        """
-        part = self.path / part_name(0)
+    def _merge(self, schema: pa.Schema, overwrite: bool, windows: int) -> int:
+        """Copy the committed parts, in order, into one OUT that appears complete."""
+        rows = 0
         try:
-            rows = pq.ParquetFile(part).metadata.num_rows
+            with self.store.writer(self.out, overwrite) as sink, pq.ParquetWriter(sink, schema) as output:
+                for index in range(windows):
+                    for table in self._read_part(index):
+                        output.write_table(table)
+                        rows += table.num_rows
+                    hooks.reached("merge", index + 1)
+        except (OutputExistsError, _CorruptPart):
+            raise
+        except OSError as e:  # writing OUT failed (a full disk): the parts are fine, a rerun resumes
+            raise OutputError(f"writing {self.out_uri} failed: {first_line(e)}") from e
+        return rows
+
+    def _read_part(self, index: int) -> Iterator[pa.Table]:
+        """Part `index`'s row groups, its pages checked; a corrupt part is dropped with the parts after it."""
+        part = self._part(index)
+        try:
+            with self.store.open_input(part) as source:
+                reader = pq.ParquetFile(source, page_checksum_verification=True)
+                for group in range(reader.num_row_groups):
+                    yield reader.read_row_group(group)
         except (pa.ArrowInvalid, OSError) as e:
-            raise InputError(f"committed part {part} is unreadable ({e}); rerun with --restart") from e
-        if out.exists() and not overwrite:
-            raise OutputExistsError(f"output {out} appeared while the job ran; not replacing it")
+            self._drop_from(index)
+            raise _CorruptPart(f"committed part {self.store.uri(part)} is corrupt ({first_line(e)}); it and the parts "
+                               "after it are removed: rerun the same command to redo those windows") from e
+
+    def _move_only_part(self, overwrite: bool) -> int:
+        """A one-window job: its committed part, written with OUT's schema, is OUT.
+
+        Moving it saves decoding and re-encoding every vector (half the write time of such a job).
+        """
+        part = self._part(0)
         try:
-            os.replace(part, out)
-        except OSError as e:
-            raise OutputError(f"finishing {out} failed: {e}") from e
+            with self.store.open_input(part) as source:
+                rows = pq.ParquetFile(source).metadata.num_rows
+        except (pa.ArrowInvalid, OSError) as e:
+            raise InputError(f"committed part {self.store.uri(part)} is unreadable ({first_line(e)}); rerun with "
+                             "--restart") from e
+        self.store.move(part, self.out, overwrite)
+        return rows
+
+    def _publish_folder(self, schema: pa.Schema, overwrite: bool, windows: int) -> int:
+        store = self.store
+        if windows == 0:  # no rows: one empty part that still carries the schema and metadata
+            self.commit(0, schema.empty_table())
+            windows = 1
+        rows = 0
+        for index in range(windows):
+            with store.open_input(self._part(index)) as source:
+                rows += pq.ParquetFile(source).metadata.num_rows
+        if self._renames:  # complete in the work folder, then one rename: readers see all of it or nothing
+            store.put_bytes(store.join(self.parts, SUCCESS), b"")
+            store.move(self.parts, self.out, overwrite)
+            return rows
+        # A bucket cannot rename: clear OUT (checked at the start: replaceable, or our own unfinished publish),
+        # copy the parts server-side, and write _SUCCESS last; readers wait for it.
+        store.delete_folder(self.out)
+        for index in range(windows):
+            store.copy(self._part(index), store.join(self.out, part_name(index)))
+            hooks.reached("merge", index + 1)
+        store.put_bytes(store.join(self.out, SUCCESS), b"")
         return rows
 
     def remove(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        self.store.delete_folder(self.path)
 
     def _clear(self) -> None:
-        for child in self.path.iterdir():
-            if child.is_dir():
-                shutil.rmtree(child)
-            else:
-                child.unlink()
+        for entry in self.store.list_files(self.path):
+            if self.store.name(entry.path) != LEASE:
+                self.store.delete(entry.path)
+
+
+class _CorruptPart(OutputError):
+    """A committed part failed its page checksums while being merged."""
+
+
+def check_output(out: str, overwrite: bool) -> None:
+    """Refuse an existing OUT (unless overwrite) and an output place we cannot write, before any work."""
+    WorkFolder(out).check_output(overwrite)

@@ -24,7 +24,8 @@ logger = logging.getLogger(__name__)
 
 
 def run(config: JobConfig) -> dict:
-    """Embed every row of config.inputs (or of its shard) into config.output; return the metrics."""
+    """Embed every row of config.inputs (or of its shard) into config.output (a file, or a folder of parts where
+    it ends in '/'; local or in a bucket); return the metrics."""
     metrics = Metrics()
     candidates(config.device, config.export.precision)  # a device the precision cannot run on: now, not after an export
     setup = set_up(config, metrics)
@@ -41,7 +42,7 @@ def run(config: JobConfig) -> dict:
     metadata = file_metadata(setup, encoder.graph)  # the graph that runs here: CPU and CUDA have their own
     schema = output_schema(inputs.keep_schema, setup.artifact.manifest.dim, metadata)
     work = WorkFolder(config.output)
-    with work.locked(), stop_on_signals() as stop:
+    with work.locked(take_over=config.restart), stop_on_signals() as stop:
         def window_size(index: int) -> int:  # what committed part `index` must hold
             return min(config.window_rows, inputs.total_rows - index * config.window_rows)
 
@@ -69,20 +70,18 @@ def run(config: JobConfig) -> dict:
         finally:
             progress.close()
         with metrics.stage("write"):
-            metrics.output_rows = work.merge_into(config.output, schema, config.overwrite, windows)
+            metrics.output_rows = work.publish(schema, config.overwrite, windows)
     work.remove()
     return finish(config, metrics.to_dict())
 
 
 def fingerprint(config: JobConfig, inputs: InputSet, metadata: dict, batching: BatchingOptions) -> dict:
     """What committed progress belongs to; a rerun resumes only if all of it is the same."""
-    files = {}
-    for path in inputs.files:
-        stat = path.stat()
-        files[str(path.resolve())] = [stat.st_size, stat.st_mtime_ns]
+    uri = inputs.store.uri
     return {
-        "inputs": files,
-        "row_groups": [[str(u.file.resolve()), u.row_group] for u in inputs.units],
+        # Versions: size and mtime on disk, ETags in a bucket; an input rewritten after a crash is refused.
+        "inputs": {uri(path): inputs.versions[path] for path in inputs.files},
+        "row_groups": [[uri(u.file), u.row_group] for u in inputs.units],
         "columns": [config.text_col, *inputs.keep_cols],
         "model": metadata["model_hash"],
         "graph": metadata["graph_sha256"],

@@ -27,7 +27,8 @@ from embedder.config import JobConfig, default_cache_dir
 from embedder.infer.tokenize import TextTokenizer
 from embedder.infer.window import WindowEmbedder, make_tokenizer, text_settings
 from embedder.io.atomic import write_json_atomic
-from embedder.io.parquet import InputSet, check_output, open_inputs
+from embedder.io.parquet import InputSet, open_inputs
+from embedder.io.workfolder import check_output
 from embedder.manifest import Artifact
 from embedder.metrics import Metrics, summary_line
 from embedder.model.spec import ModelSpec, load_spec
@@ -53,7 +54,8 @@ def set_up(config: JobConfig, metrics: Metrics, folder_output: bool = False,
     before_model runs after the cheap checks and before the model is loaded (the Ray driver imports Ray there,
     so a missing extra does not wait for an export).
     """
-    check_output(config.output, config.overwrite, folder=folder_output)
+    check_output(config.output + ("/" if folder_output and not config.output.endswith("/") else ""),
+                 config.overwrite)
     keep = list(config.keep_cols) if config.keep_cols is not None else None
     inputs = open_inputs(config.inputs, config.text_col, keep).shard(*config.shard)
     logger.info("input: %d files, %d row groups, %d rows (shard %d/%d)", len(inputs.files), len(inputs.units),

@@ -106,7 +106,7 @@ def run(config: JobConfig, options: RayOptions) -> dict:
                            file_metadata(setup, setup.artifact.graphs[kind]))
 
     cluster: dict = {}
-    with _Staging(config.output, config.overwrite) as staging, stop_on_signals(at_once=True, outcome=_NOT_WRITTEN):
+    with _Staging(Path(config.output), config.overwrite) as staging, stop_on_signals(at_once=True, outcome=_NOT_WRITTEN):
         results: list[dict] = []
         if inputs.total_rows:
             # ray.init installs its own SIGTERM handler: ours go in after it, and give it back on the way out.

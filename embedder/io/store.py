@@ -1,0 +1,197 @@
+"""Where inputs and outputs live: a local disk or an object store, behind one small interface.
+
+A Store names its files by a path string: an absolute POSIX path on disk, "bucket/key" in a bucket.
+The run loop and the work folder use only the operations below, each of which keeps a guarantee that
+the job relies on (a write appears complete or not at all; a lock excludes a second job), built from
+what the medium really offers: rename and flock on disk, single PUTs, completed multipart uploads and
+conditional writes in a bucket.
+
+    locate("s3://bucket/prefix/")  -> (S3Store, "bucket/prefix")
+    locate("corpus/")              -> (LocalStore, "/abs/corpus")
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import pyarrow as pa
+
+from embedder.errors import UsageError
+
+# URI schemes of stores that are not written yet: refused with one line rather than read as local paths.
+_PLANNED = {"gs": "Google Cloud Storage", "gcs": "Google Cloud Storage", "az": "Azure Blob Storage",
+            "abfs": "Azure Blob Storage", "abfss": "Azure Blob Storage"}
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file: its store path, size, and a version that changes whenever its bytes may have."""
+
+    path: str
+    size: int
+    version: str  # size and mtime on disk; the ETag in a bucket
+
+
+class Store(ABC):
+    """The operations the job needs of a place that holds files."""
+
+    scheme: str = ""
+
+    @abstractmethod
+    def uri(self, path: str) -> str:
+        """How messages, metadata and fingerprints name path."""
+
+    @abstractmethod
+    def entry(self, path: str) -> FileEntry | None:
+        """The file at path, or None where there is no file (a folder is not a file)."""
+
+    @abstractmethod
+    def is_folder(self, path: str) -> bool:
+        """A folder on disk; a prefix holding at least one object in a bucket."""
+
+    @abstractmethod
+    def list_files(self, folder: str) -> list[FileEntry]:
+        """Every file under folder, recursively, in any order."""
+
+    @abstractmethod
+    def glob(self, pattern: str) -> list[FileEntry]:
+        """Files matching a glob (* and ? stay within one folder level, ** crosses levels), in any order."""
+
+    @abstractmethod
+    def open_input(self, path: str) -> pa.NativeFile:
+        """A random-access reader: Parquet footers and row groups are read by range, never the whole file first."""
+
+    @abstractmethod
+    def read_bytes(self, path: str) -> bytes | None:
+        """A small file's bytes, or None if it does not exist."""
+
+    @abstractmethod
+    def put_bytes(self, path: str, data: bytes) -> None:
+        """Replace path with data atomically."""
+
+    @abstractmethod
+    def writer(self, path: str, overwrite: bool = True) -> AbstractContextManager[BinaryIO]:
+        """A stream that appears at path, complete, only when the block exits without an error.
+
+        overwrite=False: refuse (OutputExistsError) if something appeared at path meanwhile.
+        """
+
+    @abstractmethod
+    def move(self, src: str, dst: str, overwrite: bool = True) -> None:
+        """Publish src at dst (rename on disk, server-side copy then delete in a bucket)."""
+
+    @abstractmethod
+    def copy(self, src: str, dst: str) -> None:
+        """Copy a file, replacing dst (server-side in a bucket); dst appears complete or not at all."""
+
+    @abstractmethod
+    def delete(self, path: str) -> None:
+        """Remove a file; a missing one is not an error."""
+
+    @abstractmethod
+    def delete_folder(self, path: str) -> None:
+        """Remove a folder and all it holds; a missing one is not an error."""
+
+    @abstractmethod
+    def check_writable(self, folder: str) -> None:
+        """Raise UsageError, before any work, where files cannot be created in folder."""
+
+    @abstractmethod
+    def lock(self, work: str, out_uri: str, take_over: bool) -> AbstractContextManager[Callable[[], None]]:
+        """Exclude every other job from the work folder `work` while the block runs (LockedError at once).
+
+        Yields check(), which raises LockedError if the lock was lost meanwhile (a lease can be): call it
+        before each write.
+
+        take_over: the caller was told to discard an earlier run's progress (--restart) and may take a lock
+        that a dead job left behind, where the store cannot tell a dead holder from a live one.
+        """
+
+    @abstractmethod
+    def clear_strays(self, work: str, out: str) -> None:
+        """Remove what a killed job left half-written under work and at out (temporary files, open uploads)."""
+
+    @staticmethod
+    def join(*parts: str) -> str:
+        return posixpath.join(*parts)
+
+    @staticmethod
+    def parent(path: str) -> str:
+        return posixpath.dirname(path.rstrip("/"))
+
+    @staticmethod
+    def name(path: str) -> str:
+        return posixpath.basename(path.rstrip("/"))
+
+
+def scheme_of(spec: str) -> str:
+    """The URI scheme ("s3", "file"), or "" for a plain path."""
+    match = _SCHEME.match(spec)
+    return match.group(1).lower() if match else ""
+
+
+def locate(spec: str) -> tuple[Store, str]:
+    """The store that holds spec and spec's path in it (a trailing '/' is dropped: callers read it from spec)."""
+    scheme = scheme_of(spec)
+    if scheme in ("", "file"):
+        from embedder.io.local_store import LocalStore
+
+        return LocalStore(), LocalStore.absolute(spec[len("file://"):] if scheme else spec)
+    if scheme in ("s3", "s3a"):
+        from embedder.io.s3_store import S3Store
+
+        rest = spec.split("://", 1)[1]
+        bucket = rest.split("/", 1)[0]
+        if not bucket:
+            raise UsageError(f"{spec}: no bucket name")
+        return S3Store.for_bucket(bucket), rest.rstrip("/") or bucket
+    if scheme in _PLANNED:
+        raise UsageError(f"{spec}: {_PLANNED[scheme]} is not supported yet; copy the data to S3 or a local disk")
+    raise UsageError(f"{spec}: unknown storage scheme '{scheme}://'; use a local path, file:// or s3://")
+
+
+def glob_regex(pattern: str) -> re.Pattern:
+    """A glob as a regex over '/'-separated paths: * and ? within one level, ** across levels, [..] sets."""
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+            continue
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[" and "]" in pattern[i + 1:]:
+            end = pattern.index("]", i + 2 if pattern[i + 1:i + 2] in ("!", "]") else i + 1)
+            body = pattern[i + 1:end]
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body).replace("\\", "\\\\") + "]")
+            i = end
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+def literal_prefix(pattern: str) -> str:
+    """The part of a glob before its first wildcard (where listing can start)."""
+    match = re.search(r"[*?\[]", pattern)
+    return pattern if match is None else pattern[:match.start()]
+
+
+def in_byte_order(entries: list[FileEntry]) -> list[FileEntry]:
+    """Entries in the byte order of their paths: one order on every store (a local folder and its copy in a
+    bucket list the same relative paths, and a shared prefix does not change the order of the rest)."""
+    return sorted(entries, key=lambda e: e.path.encode("utf-8", "surrogateescape"))
