@@ -281,3 +281,42 @@ def test_a_rerun_after_the_inputs_model_or_prompt_changed_is_refused_naming_it(c
     differs = err.split("with different ")[1].split(";")[0].split(", ")
     assert named in differs, err
     assert "--restart" in err and not out.exists()
+
+
+def folder_table(folder: Path) -> pa.Table:
+    return pa.concat_tables(pq.read_table(p) for p in sorted(folder.glob("part-*.parquet")))
+
+
+def test_a_folder_out_holds_the_parts_and_success_and_resumes_after_kill_9(job_args, reference, tmp_path):
+    out = tmp_path / "vecs"
+    args = [*job_args, "--out", f"{out}/"]
+    killed = run_job(args, **fault_env(tmp_path / "fault.json", point="window", count=5))
+    assert killed.returncode == -signal.SIGKILL
+    assert not out.exists()  # a reader listing the folder never sees part of it
+
+    resumed = run_job(args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert last_json(resumed.stdout)["resumed_rows"] == 5 * WINDOW
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["_SUCCESS", *(part_name(i) for i in range(12))]  # 1,200 rows in windows of 100, no merge
+    assert folder_table(out).equals(reference)
+    assert pq.read_table(out).num_rows == reference.num_rows  # pyarrow reads the folder, skipping _SUCCESS
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fault.json", "vecs"]  # work folder removed
+
+
+def test_a_folder_out_is_refused_if_it_exists_and_replaced_with_overwrite(job_args, reference, tmp_path):
+    out = tmp_path / "vecs"
+    out.mkdir()
+    (out / "old.parquet").write_bytes(b"someone else's")
+    refused = run_job([*job_args, "--out", f"{out}/"])
+    assert refused.returncode == 2 and "exists; pass --overwrite" in refused.stderr
+    replaced = run_job([*job_args, "--out", f"{out}/", "--overwrite"])
+    assert replaced.returncode == 0, replaced.stderr
+    assert not (out / "old.parquet").exists() and (out / "_SUCCESS").exists()
+    assert folder_table(out).equals(reference)
+    # A file path naming an existing folder, and a folder path naming an existing file, are usage errors.
+    as_file = run_job([*job_args, "--out", str(out), "--overwrite"])
+    assert as_file.returncode == 2 and "end it with '/'" in as_file.stderr
+    (tmp_path / "file.parquet").write_bytes(b"x")
+    as_folder = run_job([*job_args, "--out", f"{tmp_path / 'file.parquet'}/", "--overwrite"])
+    assert as_folder.returncode == 2 and "drop the trailing '/'" in as_folder.stderr

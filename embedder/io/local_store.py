@@ -67,6 +67,7 @@ class LocalStore(Store):
         tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
         try:
             try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)  # as in a bucket, a path needs no folder made first
                 sink = open(tmp, "wb")  # noqa: SIM115 (closed by the with below)
             except OSError as e:
                 raise OutputError(f"cannot create {tmp}: {e}") from e
