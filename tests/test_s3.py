@@ -296,3 +296,13 @@ def test_the_upload_stream_publishes_whole_or_nothing(s3_env, s3):
             sink.write(chunk)
         raise RuntimeError("the writer failed half-way")
     assert keys(s3, "stream/failed") == [] and open_uploads(s3) == []
+
+
+def test_embed_parquet_takes_bucket_uris(model_zoo, export_cache_dir, bucket_corpus, reference, s3_env, s3):
+    from embedder import embed_parquet
+
+    metrics = embed_parquet(bucket_corpus, f"s3://{BUCKET}/api/", model=model_zoo.model_arg("bert"),
+                            cache_dir=export_cache_dir, window_rows=WINDOW, max_tokens=512, threads=1, device="cpu")
+    assert metrics["output_rows"] == reference.num_rows
+    parts = sorted(k for k in keys(s3, "api/") if "/part-" in k)
+    assert pa.concat_tables(read_s3_table(s3, k) for k in parts).equals(reference)
