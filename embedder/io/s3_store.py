@@ -5,7 +5,7 @@ everything that carries a guarantee goes through boto3, because pyarrow's S3 str
 no conditional write, and complete a multipart upload on close even after an error (apache/arrow#40502):
     - a small file is one PUT, a large one one multipart upload completed last: OUT is whole or absent;
     - versions are ETags, so an input rewritten between a crash and the rerun is detected;
-    - the lock is a lease object created with a conditional PUT (embedder/io/s3_lease.py).
+    - the lock is a lease object created with a conditional PUT (embedder/io/lease.py).
 Both clients take the standard AWS chain for credentials. The endpoint is the one boto3 resolves
 (AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, or endpoint_url in the config file) and is handed to pyarrow,
 which would otherwise ignore the config file's endpoint_url (apache/arrow#44119).
@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 import pyarrow as pa
 
 from embedder.errors import EmbedderError, InputError, OutputError, OutputExistsError, UsageError
-from embedder.io.store import FileEntry, Store, glob_regex, literal_prefix
+from embedder.io.store import FileEntry, ObjectStore
 
 logger = logging.getLogger(__name__)
 
@@ -51,11 +51,8 @@ def _client():
     return boto3.session.Session().client("s3", config=Config(retries={"max_attempts": 8, "mode": "standard"}))
 
 
-class S3Store(Store):
+class S3Store(ObjectStore):
     scheme = "s3"
-
-    def __init__(self, bucket: str):
-        self.bucket = bucket
 
     @classmethod
     @functools.cache
@@ -85,12 +82,6 @@ class S3Store(Store):
     # -- names ------------------------------------------------------------------------------------------
     def uri(self, path: str) -> str:
         return f"s3://{path}"
-
-    def _key(self, path: str) -> str:
-        bucket, _, key = path.partition("/")
-        if bucket != self.bucket:
-            raise ValueError(f"{path} is not in bucket {self.bucket}")
-        return key
 
     @contextlib.contextmanager
     def _explained(self, operation: str, path: str, missing: type[EmbedderError] = InputError) -> Iterator[None]:
@@ -125,21 +116,14 @@ class S3Store(Store):
         _, botocore, _ = _boto()
         with self._explained("HeadObject", path):
             try:
-                head = self.client.head_object(Bucket=self.bucket, Key=self._key(path))
+                head = self.client.head_object(Bucket=self.bucket, Key=self.key(path))
             except botocore.exceptions.ClientError as e:
                 if self._code(e) in _MISSING_KEY:
                     return None
                 raise
         return FileEntry(path, head["ContentLength"], head["ETag"])
 
-    def is_folder(self, path: str) -> bool:
-        return bool(self._list(self._folder_prefix(path), limit=1))
-
-    def _folder_prefix(self, path: str) -> str:
-        key = self._key(path) if "/" in path else ""
-        return f"{key.rstrip('/')}/" if key else ""
-
-    def _list(self, prefix: str, limit: int | None = None) -> list[FileEntry]:
+    def list_prefix(self, prefix: str, limit: int | None = None) -> list[FileEntry]:
         path = f"{self.bucket}/{prefix}"
         found: list[FileEntry] = []
         with self._explained("ListObjectsV2", path):
@@ -148,13 +132,6 @@ class S3Store(Store):
                 found += [FileEntry(f"{self.bucket}/{o['Key']}", o["Size"], o["ETag"])
                           for o in page.get("Contents", []) if not o["Key"].endswith("/")]
         return found
-
-    def list_files(self, folder: str) -> list[FileEntry]:
-        return self._list(self._folder_prefix(folder))
-
-    def glob(self, pattern: str) -> list[FileEntry]:
-        matches = glob_regex(pattern).match
-        return [e for e in self._list(self._key(literal_prefix(pattern))) if matches(e.path)]
 
     def check_bucket(self, path: str, missing: type[EmbedderError] = InputError) -> None:
         """Say which of bucket and access is the problem, where a listing found nothing."""
@@ -168,7 +145,7 @@ class S3Store(Store):
         _, botocore, _ = _boto()
         with self._explained("GetObject", path):
             try:
-                return self.client.get_object(Bucket=self.bucket, Key=self._key(path))["Body"].read()
+                return self.client.get_object(Bucket=self.bucket, Key=self.key(path))["Body"].read()
             except botocore.exceptions.ClientError as e:
                 if self._code(e) in _MISSING_KEY:
                     return None
@@ -177,7 +154,7 @@ class S3Store(Store):
     # -- writing ----------------------------------------------------------------------------------------
     def put_bytes(self, path: str, data: bytes) -> None:
         with self._explained("PutObject", path, OutputError):
-            self.client.put_object(Bucket=self.bucket, Key=self._key(path), Body=data)
+            self.client.put_object(Bucket=self.bucket, Key=self.key(path), Body=data)
 
     @contextlib.contextmanager
     def writer(self, path: str, overwrite: bool = True):
@@ -198,14 +175,14 @@ class S3Store(Store):
     def copy(self, src: str, dst: str) -> None:
         with self._explained("CopyObject", dst, OutputError):
             # Server-side; boto3's managed copy switches to a multipart copy above 5 GB (one CopyObject's limit).
-            self.client.copy({"Bucket": self.bucket, "Key": self._key(src)}, self.bucket, self._key(dst))
+            self.client.copy({"Bucket": self.bucket, "Key": self.key(src)}, self.bucket, self.key(dst))
 
     def delete(self, path: str) -> None:
         with self._explained("DeleteObject", path, OutputError):
-            self.client.delete_object(Bucket=self.bucket, Key=self._key(path))
+            self.client.delete_object(Bucket=self.bucket, Key=self.key(path))
 
     def delete_folder(self, path: str) -> None:
-        keys = [self._key(e.path) for e in self.list_files(path)]
+        keys = [self.key(e.path) for e in self.list_files(path)]
         for start in range(0, len(keys), 1000):  # DeleteObjects takes 1,000 keys a call
             with self._explained("DeleteObjects", path, OutputError):
                 self.client.delete_objects(Bucket=self.bucket, Delete={
@@ -215,23 +192,47 @@ class S3Store(Store):
         self.check_bucket(folder, missing=UsageError)
         probe = self.join(folder, f".embedder-probe-{uuid.uuid4().hex[:12]}")
         with self._explained("PutObject", probe, UsageError):
-            self.client.put_object(Bucket=self.bucket, Key=self._key(probe), Body=b"")
+            self.client.put_object(Bucket=self.bucket, Key=self.key(probe), Body=b"")
         self.delete(probe)
 
-    def lock(self, work: str, out_uri: str, take_over: bool):
-        from embedder.io.s3_lease import Lease
+    # -- the lease's conditional writes ---------------------------------------------------------------
+    def create_new(self, path: str, data: bytes) -> str | None:
+        return self._conditional_put(path, data, IfNoneMatch="*")
 
-        return Lease(self, self.join(work, "_lease"), out_uri, take_over)
+    def replace_if(self, path: str, data: bytes, version: str) -> str | None:
+        return self._conditional_put(path, data, IfMatch=version)
+
+    def _conditional_put(self, path: str, data: bytes, **condition) -> str | None:
+        _, botocore, _ = _boto()
+        with self._explained("PutObject", path, OutputError):
+            try:
+                return self.client.put_object(Bucket=self.bucket, Key=self.key(path), Body=data, **condition)["ETag"]
+            except botocore.exceptions.ClientError as e:
+                # 409: a concurrent conditional write to the same key is in flight; it is the other job's.
+                if self._code(e) in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"):
+                    return None
+                raise
+
+    def read_versioned(self, path: str) -> tuple[bytes, str] | None:
+        _, botocore, _ = _boto()
+        with self._explained("GetObject", path, OutputError):
+            try:
+                got = self.client.get_object(Bucket=self.bucket, Key=self.key(path))
+            except botocore.exceptions.ClientError as e:
+                if self._code(e) in _MISSING_KEY:
+                    return None
+                raise
+            return got["Body"].read(), got["ETag"]
 
     def clear_strays(self, work: str, out: str) -> None:
         """Abort the multipart uploads a killed job left open under work and at out (they cost storage)."""
-        for prefix in (self._key(work) + "/", self._key(out)):
+        for prefix in (self.key(work) + "/", self.key(out)):
             with self._explained("ListMultipartUploads", self.join(self.bucket, prefix), OutputError):
                 pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=prefix)
                 uploads = [u for page in pages for u in page.get("Uploads", [])]
             for upload in uploads:
                 key = upload["Key"]
-                if key.startswith(self._key(work) + "/") or key == self._key(out) or key.startswith(self._key(out) + "/"):
+                if key.startswith(self.key(work) + "/") or key == self.key(out) or key.startswith(self.key(out) + "/"):
                     logger.info("aborting the upload of s3://%s/%s left by a killed run", self.bucket, key)
                     with self._explained("AbortMultipartUpload", f"{self.bucket}/{key}", OutputError):
                         self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload["UploadId"])
@@ -244,7 +245,7 @@ class _Upload:
     """
 
     def __init__(self, store: S3Store, path: str):
-        self.store, self.path, self.key = store, path, store._key(path)
+        self.store, self.path, self.key = store, path, store.key(path)
         self.buffer = bytearray()
         self.written = 0
         self.upload_id: str | None = None

@@ -195,3 +195,59 @@ def in_byte_order(entries: list[FileEntry]) -> list[FileEntry]:
     """Entries in the byte order of their paths: one order on every store (a local folder and its copy in a
     bucket list the same relative paths, and a shared prefix does not change the order of the rest)."""
     return sorted(entries, key=lambda e: e.path.encode("utf-8", "surrogateescape"))
+
+
+class ObjectStore(Store):
+    """A bucket (S3, GCS, Azure container): paths are "bucket/key", folders are key prefixes.
+
+    Subclasses give listing and three conditional writes; the lock (a lease object, io/lease.py), globbing
+    and folder listing are built here from them.
+    """
+
+    def __init__(self, bucket: str):
+        self.bucket = bucket
+
+    def key(self, path: str) -> str:
+        bucket, _, key = path.partition("/")
+        if bucket != self.bucket:
+            raise ValueError(f"{path} is not in bucket {self.bucket}")
+        return key
+
+    def folder_prefix(self, path: str) -> str:
+        key = self.key(path) if "/" in path else ""
+        return f"{key.rstrip('/')}/" if key else ""
+
+    @abstractmethod
+    def list_prefix(self, prefix: str, limit: int | None = None) -> list[FileEntry]:
+        """Objects whose key starts with prefix (no delimiter: every level below)."""
+
+    @abstractmethod
+    def create_new(self, path: str, data: bytes) -> str | None:
+        """Create the object only if none exists; its version, or None if one existed."""
+
+    @abstractmethod
+    def replace_if(self, path: str, data: bytes, version: str) -> str | None:
+        """Replace the object only if it is still at version; the new version, or None if it was not."""
+
+    @abstractmethod
+    def read_versioned(self, path: str) -> tuple[bytes, str] | None:
+        """The object's bytes and version, or None if it does not exist."""
+
+    @abstractmethod
+    def check_bucket(self, path: str, missing: type[Exception]) -> None:
+        """Raise `missing` naming the bucket if it does not exist, UsageError if access is denied."""
+
+    def is_folder(self, path: str) -> bool:
+        return bool(self.list_prefix(self.folder_prefix(path), limit=1))
+
+    def list_files(self, folder: str) -> list[FileEntry]:
+        return self.list_prefix(self.folder_prefix(folder))
+
+    def glob(self, pattern: str) -> list[FileEntry]:
+        matches = glob_regex(pattern).match
+        return [e for e in self.list_prefix(self.key(literal_prefix(pattern))) if matches(e.path)]
+
+    def lock(self, work: str, out_uri: str, take_over: bool):
+        from embedder.io.lease import Lease
+
+        return Lease(self, self.join(work, "_lease"), out_uri, take_over)

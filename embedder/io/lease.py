@@ -1,15 +1,20 @@
-"""The lock of a bucket's work folder: a lease object created with a conditional PUT and renewed while the job runs.
+"""The lock of a bucket's work folder: a lease object created with a conditional write and renewed while the job runs.
 
-Object stores have no flock and no rename. The first job writes work/_lease with If-None-Match: *, which the
-store refuses (412) to every job after it. The holder rewrites the lease with If-Match on its own ETag
-every ttl/4 seconds, pushing its expiry ttl seconds ahead; a job that finds the lease expired, or held by a
-process of this host that no longer runs, takes it over (If-Match on the ETag it read: of two such jobs,
-one wins). So a job killed with -9 blocks a rerun on another host for at most the lease's ttl, and a rerun
-on the same host not at all. --restart takes over any lease (the operator says the holder is gone).
+Object stores have no flock and no rename. The first job creates work/_lease only if it does not exist
+(S3 and Azure: If-None-Match: *; GCS: ifGenerationMatch=0), which the store refuses to every job after it.
+The holder rewrites the lease only if it is still the version it wrote (If-Match on its ETag, or its
+generation) every ttl/4 seconds, pushing its expiry ttl seconds ahead. A job that finds the lease expired,
+or held by a process of this host that no longer runs, takes it over with the same conditional rewrite
+on the version it read: of two such jobs, one wins. So a job killed with -9 blocks a rerun on another
+host for at most the lease's ttl, and a rerun on the same host not at all. --restart takes over any
+lease (the operator says the holder is gone).
 
 On a store that ignores conditional writes (some S3-compatible servers), the lease read back after
 writing it names its owner: a second job that overwrote a first one within that window stops at its
 next renewal or commit, when it finds the lease is no longer its own.
+
+The store supplies three conditional operations (ObjectStore in io/store.py): create_new, replace_if and
+read_versioned.
 """
 
 from __future__ import annotations
@@ -26,8 +31,6 @@ from embedder.errors import LockedError
 
 logger = logging.getLogger(__name__)
 
-_CONFLICT = ("PreconditionFailed", "ConditionalRequestConflict")
-
 
 def lease_seconds() -> float:
     """How long a lease outlives its holder's last renewal ($EMBEDDER_LEASE_SECONDS, default 60)."""
@@ -35,39 +38,29 @@ def lease_seconds() -> float:
 
 
 class Lease:
-    """Context manager: hold the lease on `path` of an S3Store while the block runs; yields a check()."""
+    """Context manager: hold the lease at `path` of an object store while the block runs; yields a check()."""
 
     def __init__(self, store, path: str, out_uri: str, take_over: bool):
         self.store, self.path, self.out_uri, self.take_over = store, path, out_uri, take_over
-        self.key = store._key(path)
         self.owner = {"id": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
         self.ttl = lease_seconds()
-        self.etag: str | None = None
+        self.version: str | None = None
         self.lost: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    # -- the lease object -------------------------------------------------------------------------------
     def _body(self) -> bytes:
         return json.dumps({**self.owner, "expires": time.time() + self.ttl, "out": self.out_uri}).encode()
 
-    def _put(self, **condition) -> str:
-        return self.store.client.put_object(Bucket=self.store.bucket, Key=self.key, Body=self._body(),
-                                            **condition)["ETag"]
-
     def _read(self) -> tuple[dict | None, str | None]:
-        from botocore.exceptions import ClientError
-
+        found = self.store.read_versioned(self.path)
+        if found is None:
+            return None, None
+        data, version = found
         try:
-            got = self.store.client.get_object(Bucket=self.store.bucket, Key=self.key)
-        except ClientError as e:
-            if self.store._code(e) in ("NoSuchKey", "404"):
-                return None, None
-            raise
-        try:
-            return json.loads(got["Body"].read()), got["ETag"]
+            return json.loads(data), version
         except ValueError:
-            return {}, got["ETag"]  # unreadable: treated as expired
+            return {}, version  # unreadable: treated as expired
 
     def _stale(self, holder: dict) -> str | None:
         """Why the holder's lease may be taken over, or None."""
@@ -80,17 +73,11 @@ class Lease:
         return None
 
     def _acquire(self) -> None:
-        from botocore.exceptions import ClientError
-
         for _ in range(5):
-            try:
-                self.etag = self._put(IfNoneMatch="*")
-            except ClientError as e:
-                if self.store._code(e) not in _CONFLICT:
-                    raise
-            else:
+            self.version = self.store.create_new(self.path, self._body())
+            if self.version is not None:
                 break
-            holder, etag = self._read()
+            holder, version = self._read()
             if holder is None:
                 continue  # released meanwhile: try again
             why = self._stale(holder)
@@ -100,14 +87,11 @@ class Lease:
                     f"another job is writing {self.out_uri} (lease {self.store.uri(self.path)} held by pid "
                     f"{holder.get('pid')} on {holder.get('host')} until {until}, renewed while it runs); a job "
                     "killed without releasing it holds it until then, or pass --restart to take it over")
-            try:
-                self.etag = self._put(IfMatch=etag)
-            except ClientError as e:
-                if self.store._code(e) not in _CONFLICT:
-                    raise
-                continue  # another job took it first: look again
-            logger.info("took over the lease of %s (%s)", self.out_uri, why)
-            break
+            self.version = self.store.replace_if(self.path, self._body(), version)
+            if self.version is not None:
+                logger.info("took over the lease of %s (%s)", self.out_uri, why)
+                break
+            # another job took it first: look again
         else:
             raise LockedError(f"another job is writing {self.out_uri} (its lease {self.store.uri(self.path)} "
                               "keeps changing)")
@@ -116,28 +100,24 @@ class Lease:
             raise LockedError(f"another job is writing {self.out_uri} (it took the lease {self.store.uri(self.path)})")
 
     def _renew_forever(self) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
         while not self._stop.wait(self.ttl / 4):
             try:
-                self.etag = self._put(IfMatch=self.etag)
-            except ClientError as e:
-                if self.store._code(e) in _CONFLICT:
-                    self.lost = f"lost the lease {self.store.uri(self.path)} of {self.out_uri} to another job"
-                    return
+                version = self.store.replace_if(self.path, self._body(), self.version)
+            except Exception as e:  # noqa: BLE001 (a transient failure: the lease outlives a few of them)
                 logger.warning("renewing the lease %s failed (%s); retrying", self.store.uri(self.path), e)
-            except BotoCoreError as e:
-                logger.warning("renewing the lease %s failed (%s); retrying", self.store.uri(self.path), e)
+                continue
+            if version is None:
+                self.lost = f"lost the lease {self.store.uri(self.path)} of {self.out_uri} to another job"
+                return
+            self.version = version
 
     def check(self) -> None:
         """Raise LockedError once another job has taken the lease: stop before writing anything more."""
         if self.lost:
             raise LockedError(self.lost)
 
-    # -- context manager --------------------------------------------------------------------------------
     def __enter__(self):
-        with self.store._explained("PutObject", self.path, LockedError):
-            self._acquire()
+        self._acquire()
         self._thread = threading.Thread(target=self._renew_forever, name="embedder-lease", daemon=True)
         self._thread.start()
         return self.check
@@ -151,8 +131,8 @@ class Lease:
         try:  # release: delete only our own lease
             holder, _ = self._read()
             if holder is not None and holder.get("id") == self.owner["id"]:
-                self.store.client.delete_object(Bucket=self.store.bucket, Key=self.key)
-        except Exception as e:  # it expires on its own
+                self.store.delete(self.path)
+        except Exception as e:  # noqa: BLE001 (it expires on its own)
             logger.warning("could not release the lease %s (%s); it expires in %.0f s", self.store.uri(self.path),
                            e, self.ttl)
 
