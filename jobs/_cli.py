@@ -21,7 +21,7 @@ def setup_logging(level: str) -> None:
     # transformers and huggingface_hub log at INFO/WARNING about things the job already handles.
     for noisy in ("transformers", "huggingface_hub", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    for chatty in ("botocore", "boto3", "s3transfer", "urllib3"):  # "Found credentials in ...", per request
+    for chatty in ("botocore", "boto3", "s3transfer", "urllib3", "azure"):  # "Found credentials in ...", per request
         logging.getLogger(chatty).setLevel(logging.WARNING)
     for handler in logging.getLogger().handlers:
         handler.addFilter(_quiet_onnxruntime_tools)

@@ -25,8 +25,7 @@ import pyarrow as pa
 from embedder.errors import UsageError
 
 # URI schemes of stores that are not written yet: refused with one line rather than read as local paths.
-_PLANNED = {"gs": "Google Cloud Storage", "gcs": "Google Cloud Storage", "az": "Azure Blob Storage",
-            "abfs": "Azure Blob Storage", "abfss": "Azure Blob Storage"}
+_PLANNED = {"gs": "Google Cloud Storage", "gcs": "Google Cloud Storage"}
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
@@ -152,9 +151,19 @@ def locate(spec: str) -> tuple[Store, str]:
         if not bucket:
             raise UsageError(f"{spec}: no bucket name")
         return S3Store.for_bucket(bucket), rest.rstrip("/") or bucket
+    if scheme in ("az", "abfs", "abfss"):
+        from embedder.io.azure_store import AzureStore
+
+        rest = spec.split("://", 1)[1]
+        container, _, key = rest.partition("/")
+        container, _, host = container.partition("@")  # abfs://container@account.dfs.core.windows.net/...
+        if not container:
+            raise UsageError(f"{spec}: no container name")
+        path = f"{container}/{key}".rstrip("/") if key.strip("/") else container
+        return AzureStore.for_container(container, host.split(".", 1)[0] or None), path
     if scheme in _PLANNED:
         raise UsageError(f"{spec}: {_PLANNED[scheme]} is not supported yet; copy the data to S3 or a local disk")
-    raise UsageError(f"{spec}: unknown storage scheme '{scheme}://'; use a local path, file:// or s3://")
+    raise UsageError(f"{spec}: unknown storage scheme '{scheme}://'; use a local path, file://, s3:// or az://")
 
 
 def glob_regex(pattern: str) -> re.Pattern:

