@@ -24,7 +24,7 @@ from collections.abc import Iterator
 import pyarrow as pa
 
 from embedder.errors import EmbedderError, InputError, OutputError, OutputExistsError, UsageError
-from embedder.io.store import FileEntry, ObjectStore
+from embedder.io.store import ChunkedUpload, FileEntry, ObjectStore
 
 _INSTALL = "pip install 'embedder[azure]'"
 _BLOCK_BYTES = 8 << 20  # staged blocks; a blob holds up to 50,000 of them (about 390 GiB at this size)
@@ -278,37 +278,19 @@ class _RangedReader(io.RawIOBase):
         return len(data)
 
 
-class _BlockUpload:
+class _BlockUpload(ChunkedUpload):
     """A write-only stream into one blob: one Put Blob if it stays small, else staged blocks committed at the end."""
 
     def __init__(self, store: AzureStore, path: str):
+        super().__init__()
         self.store, self.path, self.client = store, path, store.blob(path)
-        self.buffer = bytearray()
-        self.written = 0
         self.blocks: list[str] = []
         self.prefix = uuid.uuid4().hex[:16]  # block ids of one upload share a length, as Azure requires
-        self.closed = False
 
-    def write(self, data) -> int:
-        self.buffer += data
-        self.written += len(data)
-        if len(self.buffer) >= _BLOCK_BYTES:
-            self._stage()
-        return len(data)
+    def chunk_bytes(self) -> int:
+        return _BLOCK_BYTES
 
-    def tell(self) -> int:
-        return self.written
-
-    def flush(self) -> None:
-        pass
-
-    def writable(self) -> bool:
-        return True
-
-    def close(self) -> None:  # committing is commit()'s job: a failed writer also closes
-        self.closed = True
-
-    def _stage(self) -> None:
+    def _send(self) -> None:
         block = base64.b64encode(f"{self.prefix}-{len(self.blocks):08d}".encode()).decode()
         with self.store._explained("PutBlock", self.path, OutputError):
             self.client.stage_block(block, bytes(self.buffer))
@@ -337,6 +319,6 @@ class _BlockUpload:
             self.client.upload_blob(bytes(self.buffer), overwrite=not conditional)
             return
         if self.buffer:
-            self._stage()
+            self._send()
         condition = {"etag": "*", "match_condition": MatchConditions.IfMissing} if conditional else {}
         self.client.commit_block_list([BlobBlock(block_id=b) for b in self.blocks], **condition)

@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 import pyarrow as pa
 
 from embedder.errors import EmbedderError, InputError, OutputError, OutputExistsError, UsageError
-from embedder.io.store import FileEntry, ObjectStore
+from embedder.io.store import ChunkedUpload, FileEntry, ObjectStore
 
 logger = logging.getLogger(__name__)
 
@@ -238,44 +238,22 @@ class S3Store(ObjectStore):
                         self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload["UploadId"])
 
 
-class _Upload:
+class _Upload(ChunkedUpload):
     """A write-only stream into one object: a single PUT if it stays small, else one multipart upload.
 
     Nothing is visible at the key until complete(); abort() (on any error) discards the uploaded parts.
     """
 
     def __init__(self, store: S3Store, path: str):
+        super().__init__()
         self.store, self.path, self.key = store, path, store.key(path)
-        self.buffer = bytearray()
-        self.written = 0
         self.upload_id: str | None = None
         self.parts: list[dict] = []
-        self.closed = False
 
-    # The file protocol pyarrow's writers use.
-    def write(self, data) -> int:
-        self.buffer += data
-        self.written += len(data)
-        if len(self.buffer) >= self._part_bytes():
-            self._send_part()
-        return len(data)
-
-    def tell(self) -> int:
-        return self.written
-
-    def flush(self) -> None:
-        pass
-
-    def writable(self) -> bool:
-        return True
-
-    def close(self) -> None:  # publishing is complete()'s job, not close()'s: a failed writer also closes
-        self.closed = True
-
-    def _part_bytes(self) -> int:
+    def chunk_bytes(self) -> int:
         return _PART_BYTES * (1 + len(self.parts) // 1000)  # 10,000 parts reach about 430 GiB
 
-    def _send_part(self) -> None:
+    def _send(self) -> None:
         client = self.store.client
         with self.store._explained("UploadPart", self.path, OutputError):
             if self.upload_id is None:
@@ -299,7 +277,7 @@ class _Upload:
                                                      **condition)
                     else:
                         if self.buffer:
-                            self._send_part()
+                            self._send()
                         self.store.client.complete_multipart_upload(
                             Bucket=self.store.bucket, Key=self.key, UploadId=self.upload_id,
                             MultipartUpload={"Parts": self.parts}, **condition)

@@ -130,6 +130,44 @@ class Store(ABC):
         return posixpath.basename(path.rstrip("/"))
 
 
+class ChunkedUpload:
+    """The write side of the file protocol that pyarrow's writers use, cut into chunks for an object store.
+
+    A subclass sends each full chunk (_send, which empties self.buffer) and publishes or discards the whole
+    at the end; close() publishes nothing, because a writer that failed half-way closes its stream too.
+    """
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.written = 0
+        self.closed = False
+
+    def chunk_bytes(self) -> int:
+        raise NotImplementedError
+
+    def _send(self) -> None:
+        raise NotImplementedError
+
+    def write(self, data) -> int:
+        self.buffer += data
+        self.written += len(data)
+        if len(self.buffer) >= self.chunk_bytes():
+            self._send()
+        return len(data)
+
+    def tell(self) -> int:
+        return self.written
+
+    def flush(self) -> None:
+        pass
+
+    def writable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.closed = True
+
+
 def scheme_of(spec: str) -> str:
     """The URI scheme ("s3", "file"), or "" for a plain path."""
     match = _SCHEME.match(spec)
