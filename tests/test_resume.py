@@ -149,6 +149,15 @@ def test_shards_in_order_make_the_unsharded_output(count, job_args, reference, t
     assert min_cosine(union, reference) >= 0.99999
 
 
+def test_a_folder_output_on_disk_holds_the_windows_as_parts_and_a_success_marker(job_args, reference, tmp_path):
+    out = tmp_path / "vecs"
+    assert embed_main([*job_args, "--out", f"{out}/"]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["_SUCCESS", *(part_name(i) for i in range(12))]  # 1,200 rows in windows of 100
+    assert pq.read_table(out).equals(reference)
+    assert [p.name for p in tmp_path.iterdir()] == ["vecs"]  # no work folder left
+
+
 def test_a_second_job_on_the_same_output_fails_clearly(job_args, tmp_path, capsys):
     out = tmp_path / "vecs.parquet"
     with WorkFolder(out).locked():

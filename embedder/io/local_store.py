@@ -67,6 +67,8 @@ class LocalStore(Store):
         tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
         try:
             try:
+                # Folders appear as needed, as a bucket's prefixes do: a writer needs only its path.
+                os.makedirs(os.path.dirname(path), exist_ok=True)
                 sink = open(tmp, "wb")  # noqa: SIM115 (closed by the with below)
             except OSError as e:
                 raise OutputError(f"cannot create {tmp}: {e}") from e
