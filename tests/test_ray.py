@@ -105,7 +105,8 @@ def test_ray_output_equals_the_single_process_output(ray_cluster, job_args, refe
 
     table = pq.read_table(out)
     assert table.schema.equals(reference.schema, check_metadata=True)  # same columns, types and `embedder` metadata
-    for part in sorted(out.iterdir()):
+    assert (out / "_SUCCESS").is_file()  # what readers of a bucket's OUT wait for: on disk too
+    for part in sorted(out.glob("part-*.parquet")):
         assert pq.read_schema(part).equals(reference.schema, check_metadata=True)
     assert_same_rows(table, reference)
     assert table.column("id").equals(reference.column("id"))  # part files are named in input order
@@ -140,7 +141,7 @@ def test_an_actor_killed_mid_run_is_retried_and_nothing_is_lost_or_doubled(point
     assert marker.exists()  # an actor really died
     assert metrics["ray"]["graph_transfer"] == "object-store"
     assert_same_rows(pq.read_table(out), reference)
-    assert sorted(p.name for p in out.iterdir()) == [f"part-{i:06d}.parquet" for i in range(metrics["blocks"])]
+    assert sorted(p.name for p in out.iterdir()) == ["_SUCCESS", *(f"part-{i:06d}.parquet" for i in range(metrics["blocks"]))]
     assert metrics["rows"] == reference.num_rows
     # What the dead attempt left (a half-written or a complete part file) was deleted, not kept twice.
     assert "left by a failed attempt" in caplog.text
