@@ -1,4 +1,5 @@
-"""jobs.embed_ray on a local Ray with 2 CPUs: equal to the single-process job, complete after a killed actor.
+"""jobs.embed_ray on a local Ray with 2 CPUs: equal to the single-process job, complete after a killed actor,
+and the same from a bucket to a bucket (moto's S3 server, tests/s3_server.py).
 
 Select these with `-m ray` (or leave them out with `-m "not ray"`); they need the `ray` extra. The
 tests that need no Ray (bad input fails before Ray starts, the single-process job never imports
@@ -7,6 +8,7 @@ Ray) are not marked.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import subprocess
@@ -18,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from faults import fault_env
+from s3_server import moto_server
 from test_job import make_corpus
 
 from jobs.embed import main as embed_main
@@ -34,12 +37,23 @@ def fault_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(fault_file):
-    """One local Ray for the module, 2 CPUs as in CI, shut down after; its workers carry the test hook."""
+def s3_env(tmp_path_factory):
+    """moto's S3 server for the module (None without moto): started before Ray, whose workers must be pointed at it."""
+    if importlib.util.find_spec("moto") is None:
+        yield None
+        return
+    with moto_server(tmp_path_factory.mktemp("ray-moto") / "server.log") as env:
+        yield env
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(fault_file, s3_env):
+    """One local Ray for the module, 2 CPUs as in CI, shut down after; its workers carry the test hook and the
+    S3 server's endpoint and credentials (a worker's environment is fixed when Ray starts)."""
     ray = pytest.importorskip("ray")
     pytest.importorskip("ray.data")
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
-             runtime_env={"env_vars": fault_env(fault_file)})
+             runtime_env={"env_vars": {**fault_env(fault_file), **(s3_env or {})}})
     yield ray
     ray.shutdown()
 
@@ -75,7 +89,7 @@ def reference(job_args, tmp_path_factory) -> pa.Table:
 RAY_ARGS = ["--workers", "2", "--cpus-per-worker", "0.5"]  # 2 actors, 1 CPU left for Ray Data's read tasks
 
 
-def run_ray(args: list[str], out: Path, metrics: Path) -> dict:
+def run_ray(args: list[str], out: Path | str, metrics: Path) -> dict:
     assert embed_ray_main([*args, *RAY_ARGS, "--out", str(out), "--metrics-out", str(metrics)]) == 0
     return json.loads(metrics.read_text())
 
@@ -120,6 +134,55 @@ def test_ray_output_equals_the_single_process_output(ray_cluster, job_args, refe
     assert sum(w["real_tokens"] for w in workers) == metrics["real_tokens"] > 0
     assert all(w["tokens_per_second"] > 0 for w in workers)
     assert metrics["blocks"] >= 6  # 600 rows in blocks of at most WINDOW
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_bucket_in_and_a_bucket_out_equal_the_single_process_output(ray_cluster, s3_env, job_args, corpus, reference,
+                                                                      tmp_path, monkeypatch):
+    """Ray Data reads s3://.../corpus/ through pyarrow's S3 filesystem; the actors stage their parts in the bucket;
+    OUT is published by server-side copies with _SUCCESS last, and nothing else is left in the bucket."""
+    if s3_env is None:
+        pytest.skip("needs moto[server] (the test extra)")
+    import boto3
+
+    from embedder.io import s3_store
+
+    for name, value in s3_env.items():  # the driver's clients; the workers got these when Ray started
+        monkeypatch.setenv(name, value)
+    s3_store._client.cache_clear()
+    s3_store.S3Store.for_bucket.cache_clear()
+    try:
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket="ray-bucket")
+        for path in sorted(corpus.glob("*.parquet")):
+            s3.upload_file(str(path), "ray-bucket", f"corpus/{path.name}")
+        args = ["s3://ray-bucket/corpus/" if arg == str(corpus) else arg for arg in job_args]
+        metrics = run_ray(args, "s3://ray-bucket/out/", tmp_path / "metrics.json")
+
+        listed = s3.list_objects_v2(Bucket="ray-bucket")["Contents"]
+        out_keys = sorted(o["Key"] for o in listed if o["Key"].startswith("out/"))
+        parts = [f"out/part-{i:06d}.parquet" for i in range(metrics["blocks"])]
+        assert out_keys == sorted(["out/_SUCCESS", *parts])
+        assert sorted(o["Key"] for o in listed if not o["Key"].startswith("out/")) == [
+            f"corpus/{p.name}" for p in sorted(corpus.glob("*.parquet"))]  # no staging prefix left
+        assert s3.list_multipart_uploads(Bucket="ray-bucket").get("Uploads", []) == []
+        table = pa.concat_tables(
+            pq.read_table(pa.BufferReader(s3.get_object(Bucket="ray-bucket", Key=key)["Body"].read())) for key in parts)
+    finally:
+        s3_store._client.cache_clear()
+        s3_store.S3Store.for_bucket.cache_clear()
+
+    assert table.schema.equals(reference.schema, check_metadata=True)
+    assert table.drop_columns(["embedding"]).equals(reference.drop_columns(["embedding"]))  # input order, same rows
+    got, want = table.column("embedding").combine_chunks(), reference.column("embedding").combine_chunks()
+    valid = want.is_valid().to_numpy(zero_copy_only=False)
+    assert np.array_equal(got.is_valid().to_numpy(zero_copy_only=False), valid)  # null text -> null vector
+    dim = want.type.list_size
+    difference = np.abs(got.values.to_numpy(zero_copy_only=False).reshape(-1, dim)[valid]
+                        - want.values.to_numpy(zero_copy_only=False).reshape(-1, dim)[valid])
+    assert float(difference.max()) <= 1e-6, float(difference.max())
+    assert metrics["rows"] == metrics["output_rows"] == reference.num_rows
 
 
 @pytest.mark.ray
