@@ -227,6 +227,24 @@ def test_bad_utf8_text_fails_with_one_line_and_exit_2(ray_cluster, model_zoo, ex
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.ray
+def test_an_empty_input_writes_one_empty_part_with_the_schema(model_zoo, export_cache_dir, exported, reference,
+                                                                tmp_path):
+    """No rows: Ray is not even asked; OUT still holds a part that carries the schema and metadata."""
+    pytest.importorskip("ray.data")
+    exported("bert")
+    source = tmp_path / "in.parquet"
+    pq.write_table(reference.drop_columns(["embedding"]).slice(0, 0).append_column(
+        "text", pa.array([], pa.string())), source)
+    out = tmp_path / "vecs"
+    assert embed_ray_main(["--in", str(source), "--out", f"{out}/", "--model", model_zoo.model_arg("bert"),
+                           "--cache-dir", str(export_cache_dir), "--progress", "off", *RAY_ARGS]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["_SUCCESS", "part-000000.parquet"]
+    table = pq.read_table(out / "part-000000.parquet")
+    assert table.num_rows == 0 and table.schema.equals(reference.schema, check_metadata=True)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
 def test_bad_input_and_an_existing_output_fail_before_ray_starts(corpus, tmp_path, capsys):
     out = tmp_path / "vecs"
     assert embed_ray_main(["--in", str(corpus), "--out", str(out), "--text-col", "body"]) == 2

@@ -2,9 +2,9 @@
 
 A block is embedded in windows of window_rows rows (length-sorted batches inside each window) and
 written by the actor itself as one Parquet part file, named uniquely, into the staging folder in OUT's
-store; it appears only when complete (a rename on disk, one PUT or a completed multipart upload in a
-bucket: embedder.io.store.Store.writer). The actor returns one row of counters naming that file: the driver keeps exactly the
-files named by the results it receives, so a retried block never counts twice. Ray is imported only
+store, where it appears only when complete (Store.writer: a rename on disk; one PUT or a completed
+multipart upload in a bucket). The actor returns one row of counters naming that file: the driver keeps
+exactly the files named by the results it receives, so a retried block never counts twice. Ray is imported only
 inside the actor (this module is loaded by Ray workers, never by the single-process job).
 """
 

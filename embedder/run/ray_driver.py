@@ -296,7 +296,8 @@ class _Staging:
         self.overwrite = overwrite
         parent = self.store.parent(self.out)
         if not parent:
-            raise UsageError(f"--out {out}: name a folder inside the bucket, not the bucket itself")
+            raise UsageError(f"--out {out}: name a folder inside the bucket (its staging folder goes beside it), "
+                             "not the bucket itself")
         self.folder = self.store.join(parent, f".{self.store.name(self.out)}.ray-{uuid.uuid4().hex[:12]}.tmp")
         self.uri = self.store.uri(self.folder)  # what the actors locate
 
@@ -308,17 +309,22 @@ class _Staging:
         if len(set(files)) != len(files):
             raise OutputError("the Ray job reported a part file twice; OUT not written")
         store = self.store
-        keep = set(files)
-        for entry in store.list_files(self.folder):  # leftovers of killed attempts
-            if store.name(entry.path) not in keep:
-                logger.info("removing %s, left by a failed attempt", store.name(entry.path))
-                store.delete(entry.path)
-        store.clear_strays(self.folder, self.folder)  # a killed attempt's open multipart upload
-        parts = [store.join(self.folder, name) for name in files]
-        if not parts:  # no rows: one empty file that still carries the schema and metadata
-            parts = [store.join(self.folder, part_name(0))]
-            write_part(store, parts[0], schema.empty_table())
-        publish_folder(store, parts, self.out, self.overwrite)
+        try:
+            keep = set(files)
+            for entry in store.list_files(self.folder):  # leftovers of killed attempts
+                if store.name(entry.path) not in keep:
+                    logger.info("removing %s, left by a failed attempt", store.name(entry.path))
+                    store.delete(entry.path)
+            store.clear_strays(self.folder, self.folder)  # a killed attempt's open multipart upload
+            parts = [store.join(self.folder, name) for name in files]
+            if not parts:  # no rows: one empty file that still carries the schema and metadata
+                parts = [store.join(self.folder, part_name(0))]
+                write_part(store, parts[0], schema.empty_table())
+            publish_folder(store, parts, self.out, self.overwrite)
+        except OSError as e:
+            if isinstance(e, EmbedderError):
+                raise
+            raise OutputError(f"finishing {store.uri(self.out)} failed: {e}") from e
 
     def __exit__(self, exc_type, exc, tb) -> None:
         # On disk a published staging folder is OUT now and nothing is left; a bucket keeps the staged parts.
