@@ -1,7 +1,7 @@
 """python -m jobs.embed_ray --in IN --out OUT_FOLDER: the batch job on a Ray cluster (or a local Ray).
 
-Same model, pooling, precision and batching options as jobs.embed; the output is a folder of Parquet
-part files with the same schema and metadata. Needs the `ray` extra (pip install '.[ray]').
+Same model, pooling, precision and batching options as jobs.embed, and the same local paths and s3:// URIs;
+the output is a folder of Parquet part files with the same schema and metadata, and a _SUCCESS marker. Needs the `ray` extra (pip install '.[ray]').
 Exit codes: 0 done; 1 failure at run time; 2 bad input or usage; 130/143 stopped by SIGINT/SIGTERM.
 The metrics JSON is the last line of stdout.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from jobs._cli import run_job, setup_logging
 from jobs.embed import add_model_options, add_reporting_options, config_from_args
@@ -26,8 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 done, 1 run-time failure, 2 bad input or usage, 130/143 stopped by SIGINT/SIGTERM "
         "(OUT is not written; rerun to start over).",
     )
-    p.add_argument("--in", dest="inputs", required=True, help="a Parquet file, a folder of them, or a glob (on storage every node sees)")
-    p.add_argument("--out", required=True, type=Path, help="output folder of Parquet part files (appears only when complete)")
+    p.add_argument("--in", dest="inputs", required=True, help="a Parquet file, a folder of them, or a glob; an s3:// URI "
+                   "or a local path on storage every node sees")
+    p.add_argument("--out", required=True, help="output folder of Parquet part files, with or without a trailing '/'; an "
+                   "s3:// URI or a local path every node sees (complete when its _SUCCESS marker is there; on disk it "
+                   "appears only when complete)")
     add_model_options(p, threads_default="--cpus-per-worker, at least 1")
     p.add_argument("--workers", type=int, default=1, help="actors, each with its own onnxruntime session (default 1)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs Ray reserves for each actor (default 1)")

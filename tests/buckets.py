@@ -126,9 +126,22 @@ class AzureBucket:
     install_hint = "pip install 'embedder[azure]'"
 
 
+def clear_store_caches() -> None:
+    """The job's clients are cached per process: forget those made for another server."""
+    from embedder.io import azure_store, s3_store
+
+    s3_store._client.cache_clear()
+    s3_store.S3Store.for_bucket.cache_clear()
+    azure_store._service.cache_clear()
+    azure_store.AzureStore.for_container.cache_clear()
+
+
 @contextmanager
 def started(scheme: str, folder: Path):
-    """Start the server of `scheme`; yield (environment for the job, bucket view) once the bucket exists."""
+    """Start the server of `scheme`; yield (environment for the job, bucket view) once the bucket exists.
+
+    This process is pointed at the server too (environment and fresh clients) until the block ends.
+    """
     import os
 
     if scheme == "s3":
@@ -137,20 +150,24 @@ def started(scheme: str, folder: Path):
         with moto_server(folder / "moto.log") as env:
             saved = {k: os.environ.get(k) for k in env}
             os.environ.update(env)
+            clear_store_caches()
             try:
                 yield env, S3Bucket(env)
             finally:
                 _restore(saved)
+                clear_store_caches()
     else:
         from azurite_server import azurite_server
 
         with azurite_server(folder) as (env, port):
             saved = {k: os.environ.get(k) for k in env}
             os.environ.update(env)
+            clear_store_caches()
             try:
                 yield env, AzureBucket(env, port)
             finally:
                 _restore(saved)
+                clear_store_caches()
 
 
 def _restore(saved: dict) -> None:

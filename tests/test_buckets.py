@@ -32,22 +32,11 @@ pytestmark = pytest.mark.slow
 WINDOW = 100
 
 
-def _clear_store_caches() -> None:
-    from embedder.io import azure_store, s3_store
-
-    s3_store._client.cache_clear()
-    s3_store.S3Store.for_bucket.cache_clear()
-    azure_store._service.cache_clear()
-    azure_store.AzureStore.for_container.cache_clear()
-
-
 @pytest.fixture(scope="module", params=["s3", "az"], ids=["s3", "azure"])
 def bucket(request, tmp_path_factory):
     """A server of each kind with a bucket (container) in it; this process is pointed at it too."""
     with started(request.param, tmp_path_factory.mktemp(f"server-{request.param}")) as (_env, view):
-        _clear_store_caches()
         yield view
-        _clear_store_caches()
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""jobs.embed_ray on a local Ray with 2 CPUs: equal to the single-process job, complete after a killed actor.
+"""jobs.embed_ray on a local Ray with 2 CPUs: equal to the single-process job, complete after a killed actor,
+and the same from a bucket to a bucket (moto's S3 server and Azurite, tests/buckets.py).
 
 Select these with `-m ray` (or leave them out with `-m "not ray"`); they need the `ray` extra. The
 tests that need no Ray (bad input fails before Ray starts, the single-process job never imports
@@ -7,6 +8,7 @@ Ray) are not marked.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import subprocess
@@ -18,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from faults import fault_env
+from buckets import started
 from test_job import make_corpus
 
 from jobs.embed import main as embed_main
@@ -34,12 +37,23 @@ def fault_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(fault_file):
-    """One local Ray for the module, 2 CPUs as in CI, shut down after; its workers carry the test hook."""
+def buckets(tmp_path_factory):
+    """An S3 server (moto) and an Azure one (Azurite) for the module, each with a bucket: started before Ray,
+    whose workers get their endpoints and credentials when it starts (tests/buckets.py)."""
+    with contextlib.ExitStack() as stack:
+        views = {scheme: stack.enter_context(started(scheme, tmp_path_factory.mktemp(f"ray-{scheme}")))[1]
+                 for scheme in ("s3", "az")}
+        yield views
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(fault_file, buckets):
+    """One local Ray for the module, 2 CPUs as in CI, shut down after; its workers carry the test hook and the
+    S3 server's endpoint and credentials (a worker's environment is fixed when Ray starts)."""
     ray = pytest.importorskip("ray")
     pytest.importorskip("ray.data")
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
-             runtime_env={"env_vars": fault_env(fault_file)})
+             runtime_env={"env_vars": {**fault_env(fault_file), **{k: v for b in buckets.values() for k, v in b.env.items()}}})
     yield ray
     ray.shutdown()
 
@@ -75,7 +89,7 @@ def reference(job_args, tmp_path_factory) -> pa.Table:
 RAY_ARGS = ["--workers", "2", "--cpus-per-worker", "0.5"]  # 2 actors, 1 CPU left for Ray Data's read tasks
 
 
-def run_ray(args: list[str], out: Path, metrics: Path) -> dict:
+def run_ray(args: list[str], out: Path | str, metrics: Path) -> dict:
     assert embed_ray_main([*args, *RAY_ARGS, "--out", str(out), "--metrics-out", str(metrics)]) == 0
     return json.loads(metrics.read_text())
 
@@ -105,7 +119,8 @@ def test_ray_output_equals_the_single_process_output(ray_cluster, job_args, refe
 
     table = pq.read_table(out)
     assert table.schema.equals(reference.schema, check_metadata=True)  # same columns, types and `embedder` metadata
-    for part in sorted(out.iterdir()):
+    assert (out / "_SUCCESS").is_file()  # what readers of a bucket's OUT wait for: on disk too
+    for part in sorted(out.glob("part-*.parquet")):
         assert pq.read_schema(part).equals(reference.schema, check_metadata=True)
     assert_same_rows(table, reference)
     assert table.column("id").equals(reference.column("id"))  # part files are named in input order
@@ -119,6 +134,38 @@ def test_ray_output_equals_the_single_process_output(ray_cluster, job_args, refe
     assert sum(w["real_tokens"] for w in workers) == metrics["real_tokens"] > 0
     assert all(w["tokens_per_second"] > 0 for w in workers)
     assert metrics["blocks"] >= 6  # 600 rows in blocks of at most WINDOW
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", ["s3", "az"], ids=["s3", "azure"])
+def test_a_bucket_in_and_a_bucket_out_equal_the_single_process_output(scheme, ray_cluster, buckets, job_args, corpus,
+                                                                      reference, tmp_path):
+    """Ray Data reads the bucket's corpus through pyarrow's filesystem for the store; the actors stage their parts
+    in the bucket; OUT is published by server-side copies with _SUCCESS last, and nothing else is left there."""
+    bucket = buckets[scheme]
+    prefix = f"ray-{scheme}/"
+    for path in sorted(corpus.glob("*.parquet")):
+        bucket.put(f"{prefix}corpus/{path.name}", path.read_bytes())
+    args = [bucket.uri(f"{prefix}corpus/") if arg == str(corpus) else arg for arg in job_args]
+    metrics = run_ray(args, bucket.uri(f"{prefix}out/"), tmp_path / "metrics.json")
+
+    parts = [f"{prefix}out/part-{i:06d}.parquet" for i in range(metrics["blocks"])]
+    assert bucket.keys(f"{prefix}out/") == sorted([f"{prefix}out/_SUCCESS", *parts])
+    assert bucket.keys(prefix) == sorted([*bucket.keys(f"{prefix}out/"), *bucket.keys(f"{prefix}corpus/")])  # no staging
+    assert bucket.open_uploads() == []
+    table = pa.concat_tables(pq.read_table(pa.BufferReader(bucket.get(key))) for key in parts)
+
+    assert table.schema.equals(reference.schema, check_metadata=True)
+    assert table.drop_columns(["embedding"]).equals(reference.drop_columns(["embedding"]))  # input order, same rows
+    got, want = table.column("embedding").combine_chunks(), reference.column("embedding").combine_chunks()
+    valid = want.is_valid().to_numpy(zero_copy_only=False)
+    assert np.array_equal(got.is_valid().to_numpy(zero_copy_only=False), valid)  # null text -> null vector
+    dim = want.type.list_size
+    difference = np.abs(got.values.to_numpy(zero_copy_only=False).reshape(-1, dim)[valid]
+                        - want.values.to_numpy(zero_copy_only=False).reshape(-1, dim)[valid])
+    assert float(difference.max()) <= 1e-6, float(difference.max())
+    assert metrics["rows"] == metrics["output_rows"] == reference.num_rows
 
 
 @pytest.mark.ray
@@ -140,7 +187,7 @@ def test_an_actor_killed_mid_run_is_retried_and_nothing_is_lost_or_doubled(point
     assert marker.exists()  # an actor really died
     assert metrics["ray"]["graph_transfer"] == "object-store"
     assert_same_rows(pq.read_table(out), reference)
-    assert sorted(p.name for p in out.iterdir()) == [f"part-{i:06d}.parquet" for i in range(metrics["blocks"])]
+    assert sorted(p.name for p in out.iterdir()) == ["_SUCCESS", *(f"part-{i:06d}.parquet" for i in range(metrics["blocks"]))]
     assert metrics["rows"] == reference.num_rows
     # What the dead attempt left (a half-written or a complete part file) was deleted, not kept twice.
     assert "left by a failed attempt" in caplog.text
@@ -161,6 +208,24 @@ def test_bad_utf8_text_fails_with_one_line_and_exit_2(ray_cluster, model_zoo, ex
     assert code == 2, err
     assert "not valid UTF-8" in err[-1] and "id=2" in err[-1] and err[-1].startswith("jobs.embed_ray: error:")
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.ray
+def test_an_empty_input_writes_one_empty_part_with_the_schema(model_zoo, export_cache_dir, exported, reference,
+                                                                tmp_path):
+    """No rows: Ray is not even asked; OUT still holds a part that carries the schema and metadata."""
+    pytest.importorskip("ray.data")
+    exported("bert")
+    source = tmp_path / "in.parquet"
+    pq.write_table(reference.drop_columns(["embedding"]).slice(0, 0).append_column(
+        "text", pa.array([], pa.string())), source)
+    out = tmp_path / "vecs"
+    assert embed_ray_main(["--in", str(source), "--out", f"{out}/", "--model", model_zoo.model_arg("bert"),
+                           "--cache-dir", str(export_cache_dir), "--progress", "off", *RAY_ARGS]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["_SUCCESS", "part-000000.parquet"]
+    table = pq.read_table(out / "part-000000.parquet")
+    assert table.num_rows == 0 and table.schema.equals(reference.schema, check_metadata=True)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 def test_bad_input_and_an_existing_output_fail_before_ray_starts(corpus, tmp_path, capsys):

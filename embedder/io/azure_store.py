@@ -82,6 +82,28 @@ class AzureStore(ObjectStore):
     def container(self):
         return _service(self.account).get_container_client(self.bucket)
 
+    def arrow_filesystem(self):
+        """pyarrow's own Azure filesystem, set up from the same settings as the blob SDK's client."""
+        from urllib.parse import urlparse
+
+        from pyarrow import fs as pafs
+
+        service = _service(self.account)
+        account = service.account_name
+        options: dict = {}
+        connection = os.environ.get("AZURE_STORAGE_CONNECTION_STRING")
+        if connection and service.credential is not None and hasattr(service.credential, "account_key"):
+            options["account_key"] = service.credential.account_key
+        elif os.environ.get("AZURE_STORAGE_KEY"):
+            options["account_key"] = os.environ["AZURE_STORAGE_KEY"]
+        elif os.environ.get("AZURE_STORAGE_SAS_TOKEN"):
+            options["sas_token"] = os.environ["AZURE_STORAGE_SAS_TOKEN"]
+        endpoint = urlparse(service.url)
+        if endpoint.hostname != f"{account}.blob.core.windows.net":  # an emulator or another cloud
+            options.update(blob_storage_authority=endpoint.netloc, blob_storage_scheme=endpoint.scheme,
+                           dfs_storage_authority=endpoint.netloc, dfs_storage_scheme=endpoint.scheme)
+        return pafs.AzureFileSystem(account, **options)
+
     def blob(self, path: str):
         return self.container.get_blob_client(self.key(path))
 

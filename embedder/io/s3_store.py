@@ -79,6 +79,9 @@ class S3Store(ObjectStore):
             options["region"] = region
         return pafs.S3FileSystem(**options)
 
+    def arrow_filesystem(self):
+        return self.fs
+
     # -- names ------------------------------------------------------------------------------------------
     def uri(self, path: str) -> str:
         return f"s3://{path}"

@@ -117,6 +117,10 @@ class Store(ABC):
     def clear_strays(self, work: str, out: str) -> None:
         """Remove what a killed job left half-written under work and at out (temporary files, open uploads)."""
 
+    def arrow_filesystem(self):
+        """A pyarrow filesystem that reads this store's paths, for readers that take one (Ray Data); None on disk."""
+        return None
+
     @staticmethod
     def join(*parts: str) -> str:
         return posixpath.join(*parts)

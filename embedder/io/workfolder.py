@@ -12,7 +12,8 @@ OUT is then published:
     a folder (OUT ends in '/'): the parts themselves, part-000000.parquet onwards, and a _SUCCESS marker last.
         On disk the finished folder is renamed into place, so a reader sees all of it or nothing; a bucket has
         no rename, so the parts are copied server-side and readers must wait for _SUCCESS.
-The work folder is removed afterwards.
+The work folder is removed afterwards. publish_folder is shared with the Ray driver, whose actors write the
+parts of a folder OUT into a staging folder instead.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import pyarrow.parquet as pq
 import embedder.hooks as hooks
 from embedder.errors import InputError, OutputError, OutputExistsError, UsageError, first_line
 from embedder.io.local_store import LocalStore
-from embedder.io.store import locate
+from embedder.io.store import Store, locate
 
 logger = logging.getLogger(__name__)
 
@@ -162,9 +163,7 @@ class WorkFolder:
         """Write one window's rows; it counts as committed only once it appears whole."""
         self._check()  # a lost lease: another job owns OUT now
         try:
-            with self.store.writer(self._part(index)) as sink:
-                with pq.ParquetWriter(sink, table.schema, write_page_checksum=True) as writer:
-                    writer.write_table(table)
+            write_part(self.store, self._part(index), table)
         except OSError as e:
             raise OutputError(f"committing window {index} to {self.store.uri(self.path)} failed: {first_line(e)}") from e
 
@@ -230,17 +229,9 @@ class WorkFolder:
         for index in range(windows):
             with store.open_input(self._part(index)) as source:
                 rows += pq.ParquetFile(source).metadata.num_rows
-        if self._renames:  # complete in the work folder, then one rename: readers see all of it or nothing
-            store.put_bytes(store.join(self.parts, SUCCESS), b"")
-            store.move(self.parts, self.out, overwrite)
-            return rows
-        # A bucket cannot rename: clear OUT (checked at the start: replaceable, or our own unfinished publish),
-        # copy the parts server-side, and write _SUCCESS last; readers wait for it.
-        store.delete_folder(self.out)
-        for index in range(windows):
-            store.copy(self._part(index), store.join(self.out, part_name(index)))
-            hooks.reached("merge", index + 1)
-        store.put_bytes(store.join(self.out, SUCCESS), b"")
+        # A bucket's OUT without _SUCCESS is our own publish cut short (check_output let it through): replace it.
+        unfinished = not self._renames and store.entry(store.join(self.out, SUCCESS)) is None
+        publish_folder(store, [self._part(index) for index in range(windows)], self.out, overwrite or unfinished)
         return rows
 
     def remove(self) -> None:
@@ -254,6 +245,45 @@ class WorkFolder:
 
 class _CorruptPart(OutputError):
     """A committed part failed its page checksums while being merged."""
+
+
+def write_part(store: Store, path: str, table: pa.Table) -> None:
+    """One Parquet file (page checksums on) that appears at path whole or not at all."""
+    with store.writer(path) as sink, pq.ParquetWriter(sink, table.schema, write_page_checksum=True) as writer:
+        writer.write_table(table)
+
+
+def publish_folder(store: Store, parts: list[str], out: str, overwrite: bool) -> None:
+    """Publish parts (store paths, in this order) as the folder OUT: part-000000.parquet onwards, _SUCCESS last.
+
+    On disk the parts are every file of one folder, which becomes OUT: each is renamed to its part name there,
+    _SUCCESS is added, and the folder is renamed into place, so a reader sees all of it or nothing. A bucket
+    cannot rename: OUT is cleared, the parts are copied server-side, and _SUCCESS is written last (readers wait
+    for it); the parts stay where they are, for the caller to remove. Either way an OUT that exists is replaced
+    only with overwrite (OutputExistsError otherwise: it appeared after the start's check).
+    """
+    if not parts:
+        raise ValueError("publish_folder needs at least one part (write an empty one that carries the schema)")
+    if isinstance(store, LocalStore):
+        folder = store.parent(parts[0])
+        names = [store.name(part) for part in parts]
+        targets = [part_name(index) for index in range(len(parts))]
+        if any(store.parent(p) != folder for p in parts) or any(
+                n != t and n in targets for n, t in zip(names, targets)):  # a rename would overwrite a later part
+            raise ValueError(f"parts to publish must share one folder and not take each other's names: {parts}")
+        for part, name, target in zip(parts, names, targets):
+            if name != target:
+                store.move(part, store.join(folder, target))
+        store.put_bytes(store.join(folder, SUCCESS), b"")
+        store.move(folder, out, overwrite)
+        return
+    if not overwrite and store.is_folder(out):
+        raise OutputExistsError(f"output {store.uri(out)}/ appeared while the job ran; not replacing it")
+    store.delete_folder(out)
+    for index, part in enumerate(parts):
+        store.copy(part, store.join(out, part_name(index)))
+        hooks.reached("merge", index + 1)
+    store.put_bytes(store.join(out, SUCCESS), b"")
 
 
 def check_output(out: str, overwrite: bool) -> None:

@@ -1,9 +1,10 @@
 """The Ray actor: one onnxruntime session per actor, each block embedded by the shared WindowEmbedder.
 
 A block is embedded in windows of window_rows rows (length-sorted batches inside each window) and
-written by the actor itself as one Parquet part file, named uniquely and renamed into place only
-when complete. The actor returns one row of counters naming that file: the driver keeps exactly the
-files named by the results it receives, so a retried block never counts twice. Ray is imported only
+written by the actor itself as one Parquet part file, named uniquely, into the staging folder in OUT's
+store, where it appears only when complete (Store.writer: a rename on disk; one PUT or a completed
+multipart upload in a bucket). The actor returns one row of counters naming that file: the driver keeps
+exactly the files named by the results it receives, so a retried block never counts twice. Ray is imported only
 inside the actor (this module is loaded by Ray workers, never by the single-process job).
 """
 
@@ -27,8 +28,8 @@ import pyarrow.parquet as pq
 import embedder.hooks as hooks
 from embedder.errors import EmbedderError, ExportError, OutputError
 from embedder.infer.window import BatchingOptions, WindowEmbedder
-from embedder.io.atomic import fsync_path
 from embedder.io.parquet import check_utf8
+from embedder.io.store import locate
 from embedder.manifest import MANIFEST_FILE, Artifact, Manifest
 from embedder.metrics import Metrics, peak_rss_mb
 from embedder.model.spec import hash_files
@@ -52,7 +53,7 @@ class WorkerOptions:
 
     text_col: str
     output_schema: pa.Schema
-    staging: str  # folder the part files are written to (renamed to OUT by the driver)
+    staging: str  # folder (a local path or a URI) the part files are written to; published as OUT by the driver
     device: str
     threads: int
     max_seq_len: int | None
@@ -115,6 +116,7 @@ class EmbedActor:
         import ray
 
         self.options = options
+        self.store, self.staging = locate(options.staging)
         artifact = materialize_graph(graph)
         self.embedder = WindowEmbedder(artifact, options.device, options.threads, options.max_seq_len,
                                        options.prompt, options.batching)
@@ -129,24 +131,22 @@ class EmbedActor:
         text_col = self.options.text_col
         _check_utf8(block, text_col)
         name = f"part-{uuid.uuid4().hex}.parquet"
-        staging = Path(self.options.staging)
-        tmp = staging / f".{name}.inprogress"
+        path = self.store.join(self.staging, name)
         try:
-            with pq.ParquetWriter(tmp, self.options.output_schema) as writer:
-                # The run loop's own windows, prefetch and batching, on this block's rows.
-                for table in embedded_windows(self.embedder, block.to_batches(), text_col, self.options.window_rows,
-                                              self.options.output_schema, metrics):
-                    hooks.reached("embedded")
-                    with metrics.stage("write"):
-                        writer.write_table(table)
-            with metrics.stage("write"):
-                fsync_path(tmp)
-                os.replace(tmp, staging / name)
-        except BaseException as e:
-            tmp.unlink(missing_ok=True)
-            if isinstance(e, OSError) and not isinstance(e, EmbedderError):
-                raise OutputError(f"writing part file {staging / name} failed: {e}") from e
-            raise
+            with self.store.writer(path) as sink:  # removed (a temporary file, an aborted upload) on an error
+                with pq.ParquetWriter(sink, self.options.output_schema) as writer:
+                    # The run loop's own windows, prefetch and batching, on this block's rows.
+                    for table in embedded_windows(self.embedder, block.to_batches(), text_col,
+                                                  self.options.window_rows, self.options.output_schema, metrics):
+                        hooks.reached("embedded")
+                        with metrics.stage("write"):
+                            writer.write_table(table)
+                finishing = time.perf_counter()  # the footer is written; the file appears as the block exits
+            metrics.stage_seconds["write"] += time.perf_counter() - finishing
+        except OSError as e:
+            if isinstance(e, EmbedderError):
+                raise
+            raise OutputError(f"writing part file {self.store.uri(path)} failed: {e}") from e
         hooks.reached("written")
         encoder = self.embedder.encoder
         return pa.table({

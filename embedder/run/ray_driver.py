@@ -1,12 +1,13 @@
 """The batch job on Ray Data: validate and export on the driver, embed in an actor pool, write a Parquet folder.
 
 The driver checks the input (embedder.io.parquet.open_inputs) and exports or fetches the graph once, then
-reads the files with ray.data.read_parquet, cuts the rows into blocks of --window-rows rows, and
-maps them over EmbedActor (embedder.run.ray_actor), which runs the single-process job's WindowEmbedder
-and writes each block as a part file in a hidden staging folder beside OUT. The driver keeps the
-part files named by the results it receives (a killed and retried actor's leftovers are deleted),
-names them in input order and renames the folder to OUT. Ray is imported here lazily, never by the
-single-process job.
+reads the files with ray.data.read_parquet (a bucket's through pyarrow's filesystem for its store), cuts the rows into
+blocks of --window-rows rows, and maps them over EmbedActor (embedder.run.ray_actor), which runs the
+single-process job's WindowEmbedder and writes each block as a part file in a hidden staging folder beside
+OUT, in OUT's store (a prefix in a bucket). The driver keeps the part files named by the results it receives
+(a killed and retried actor's leftovers are deleted) and publishes them in input order as the folder OUT
+(embedder.io.workfolder.publish_folder: renamed into place on disk; copied server-side, _SUCCESS last, in a
+bucket). Ray is imported here lazily, never by the single-process job.
 """
 
 from __future__ import annotations
@@ -16,23 +17,21 @@ import inspect
 import logging
 import os
 import re
-import shutil
 import uuid
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from embedder import errors
 from embedder.config import JobConfig
-from embedder.errors import EmbedderError, InputError, OutputError, OutputExistsError, UsageError, first_line
+from embedder.errors import EmbedderError, InputError, OutputError, UsageError, first_line
 from embedder.infer.devices import Device, DeviceKind, candidates
 from embedder.infer.window import BatchingOptions
 from embedder.io.parquet import InputSet
-from embedder.io.workfolder import part_name
+from embedder.io.store import locate
+from embedder.io.workfolder import part_name, publish_folder, write_part
 from embedder.manifest import Artifact
 from embedder.metrics import Metrics
 from embedder.run.loop import file_metadata, finish, set_up
@@ -100,13 +99,14 @@ def run(config: JobConfig, options: RayOptions) -> dict:
         nonlocal ray
         ray = _import_ray()
 
+    staging = _Staging(config.output, config.overwrite)  # names only: a bad OUT fails before the model
     setup = set_up(config, metrics, folder_output=True, before_model=import_ray)
     inputs = setup.inputs
     schema = output_schema(inputs.keep_schema, setup.artifact.manifest.dim,
                            file_metadata(setup, setup.artifact.graphs[kind]))
 
     cluster: dict = {}
-    with _Staging(Path(config.output), config.overwrite) as staging, stop_on_signals(at_once=True, outcome=_NOT_WRITTEN):
+    with staging, stop_on_signals(at_once=True, outcome=_NOT_WRITTEN):
         results: list[dict] = []
         if inputs.total_rows:
             # ray.init installs its own SIGTERM handler: ours go in after it, and give it back on the way out.
@@ -116,7 +116,7 @@ def run(config: JobConfig, options: RayOptions) -> dict:
                            "gpus_per_worker": options.gpus_per_worker, "graph_transfer": transfer,
                            "nodes": len(_alive_nodes(ray)), "ray_version": ray.__version__}
                 worker = WorkerOptions(
-                    text_col=inputs.text_col, output_schema=schema, staging=str(staging.folder.resolve()), device=device,
+                    text_col=inputs.text_col, output_schema=schema, staging=staging.uri, device=device,
                     threads=config.threads or max(1, int(options.cpus_per_worker)), max_seq_len=config.max_seq_len,
                     prompt=config.prompt, batching=BatchingOptions(config.max_tokens, config.max_batch_size),
                     window_rows=config.window_rows,
@@ -212,7 +212,9 @@ def _execute(ray, inputs: InputSet, graph: GraphSource, worker: WorkerOptions, o
         read_schema = inputs.keep_schema.append(pa.field(inputs.text_col, pa.large_string()))
         # The explicit schema reads every file's text column (string, large_string, dictionary, binary) as
         # large_string and the carried columns as open_inputs widened them; no hive partition columns are added.
-        dataset = ray.data.read_parquet([str(p.resolve()) for p in inputs.files], schema=read_schema,
+        # Store paths in input order: absolute paths on disk, "bucket/key" for pyarrow's S3 filesystem.
+        filesystem = inputs.store.arrow_filesystem()
+        dataset = ray.data.read_parquet(list(inputs.files), filesystem=filesystem, schema=read_schema,
                                         partitioning=None, file_extensions=None)
         if "target_num_rows_per_block" in inspect.signature(dataset.repartition).parameters:
             # Streaming (no shuffle): blocks of --window-rows rows spread over the actors.
@@ -283,47 +285,53 @@ def _explain(error: BaseException) -> EmbedderError:
 
 
 class _Staging:
-    """A hidden folder beside OUT that the actors write part files into; renamed to OUT when complete."""
+    """A hidden folder beside OUT, in OUT's store, that the actors write part files into; published as OUT.
 
-    def __init__(self, out: Path, overwrite: bool):
-        self.out, self.overwrite = out, overwrite
-        self.folder = out.with_name(f".{out.name}.ray-{uuid.uuid4().hex[:12]}.tmp")
+    On disk it is renamed to OUT; in a bucket (a prefix there) its parts are copied to OUT and it is deleted.
+    """
+
+    def __init__(self, out: str, overwrite: bool):
+        self.store, self.out = locate(out)
+        self.overwrite = overwrite
+        parent = self.store.parent(self.out)
+        if not parent:
+            raise UsageError(f"--out {out}: name a folder inside the bucket (its staging folder goes beside it), "
+                             "not the bucket itself")
+        self.folder = self.store.join(parent, f".{self.store.name(self.out)}.ray-{uuid.uuid4().hex[:12]}.tmp")
+        self.uri = self.store.uri(self.folder)  # what the actors locate
 
     def __enter__(self) -> _Staging:
-        try:
-            self.folder.mkdir()
-        except OSError as e:
-            raise OutputError(f"cannot create {self.folder}: {e}") from e
         return self
 
     def finish(self, files: list[str], schema: pa.Schema) -> None:
-        """Keep exactly `files` (in this order, as part-NNNNNN.parquet), drop everything else, rename to OUT."""
+        """Keep exactly `files` (in this order, as part-NNNNNN.parquet), drop everything else, publish OUT."""
         if len(set(files)) != len(files):
             raise OutputError("the Ray job reported a part file twice; OUT not written")
+        store = self.store
         try:
             keep = set(files)
-            for entry in self.folder.iterdir():  # leftovers of killed attempts
-                if entry.name not in keep:
-                    logger.info("removing %s, left by a failed attempt", entry.name)
-                    entry.unlink()
-            for index, name in enumerate(files):
-                os.replace(self.folder / name, self.folder / part_name(index))
-            if not files:  # no rows: one empty file that still carries the schema and metadata
-                pq.write_table(schema.empty_table(), self.folder / part_name(0))
-            old = None
-            if self.out.exists() or self.out.is_symlink():
-                if not self.overwrite:
-                    raise OutputExistsError(f"output {self.out} appeared while the job ran; not replacing it")
-                old = self.out.with_name(f".{self.out.name}.old-{uuid.uuid4().hex[:12]}")
-                os.replace(self.out, old)
-            os.replace(self.folder, self.out)
-            if old is not None:
-                shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+            for entry in store.list_files(self.folder):  # leftovers of killed attempts
+                if store.name(entry.path) not in keep:
+                    logger.info("removing %s, left by a failed attempt", store.name(entry.path))
+                    store.delete(entry.path)
+            store.clear_strays(self.folder, self.folder)  # a killed attempt's open multipart upload
+            parts = [store.join(self.folder, name) for name in files]
+            if not parts:  # no rows: one empty file that still carries the schema and metadata
+                parts = [store.join(self.folder, part_name(0))]
+                write_part(store, parts[0], schema.empty_table())
+            publish_folder(store, parts, self.out, self.overwrite)
         except OSError as e:
-            raise OutputError(f"finishing {self.out} failed: {e}") from e
+            if isinstance(e, EmbedderError):
+                raise
+            raise OutputError(f"finishing {store.uri(self.out)} failed: {e}") from e
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        # On disk a published staging folder is OUT now and nothing is left; a bucket keeps the staged parts.
+        try:
+            self.store.delete_folder(self.folder)
+            self.store.clear_strays(self.folder, self.folder)
+        except EmbedderError as e:
+            logger.warning("could not remove the staging folder %s: %s", self.uri, first_line(e))
 
 
 # What a stopped Ray run leaves: the shared loop's resume does not reach the actors' part files.
