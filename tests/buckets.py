@@ -2,6 +2,7 @@
 
     S3Bucket     moto's S3 server (tests/s3_server.py), boto3
     AzureBucket  Azurite (tests/azurite_server.py), azure-storage-blob
+    GCSBucket    fake-gcs-server (tests/gcs_server.py), google-cloud-storage
 
 Each says how the job names it (uri), what its errors call it (word), and how to put, get and list objects,
 so one test module checks every store's guarantees the same way.
@@ -61,6 +62,7 @@ class S3Bucket:
 
     missing_extra = "boto3"
     install_hint = "pip install 'embedder[s3]'"
+    denied = "access to bucket {name} denied"
 
 
 class AzureBucket:
@@ -124,16 +126,66 @@ class AzureBucket:
 
     missing_extra = "azure.storage.blob"
     install_hint = "pip install 'embedder[azure]'"
+    denied = "access to container {name} denied"
 
 
 def clear_store_caches() -> None:
     """The job's clients are cached per process: forget those made for another server."""
-    from embedder.io import azure_store, s3_store
+    from embedder.io import azure_store, gcs_store, s3_store
 
+    gcs_store._client.cache_clear()
+    gcs_store.GCSStore.for_bucket.cache_clear()
     s3_store._client.cache_clear()
     s3_store.S3Store.for_bucket.cache_clear()
     azure_store._service.cache_clear()
     azure_store.AzureStore.for_container.cache_clear()
+
+
+class GCSBucket:
+    scheme, word = "gs", "bucket"
+
+    def __init__(self, env: dict):
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+
+        self.env = env
+        self.client = storage.Client(project="emulated", credentials=AnonymousCredentials())
+        self.bucket = self.client.create_bucket(NAME)
+
+    def uri(self, key: str = "", bucket: str = NAME) -> str:
+        return f"gs://{bucket}/{key}"
+
+    def put(self, key: str, data: bytes) -> None:
+        self.bucket.blob(key).upload_from_string(data)
+
+    def get(self, key: str) -> bytes:
+        return self.bucket.blob(key).download_as_bytes()
+
+    def keys(self, prefix: str) -> list[str]:
+        return sorted(b.name for b in self.client.list_blobs(NAME, prefix=prefix or None))
+
+    def open_uploads(self, keys: tuple[str, ...] = ()) -> list[str]:
+        """Chunks of an upload never composed: they lie in a hidden '.NAME.upload-ID/' folder beside NAME."""
+        return [k for k in keys if any(".upload-" in name for name in self.keys(k.rpartition("/")[0] + "/."))]
+
+    def leave_open_upload(self, key: str) -> None:
+        """What kill -9 leaves mid-way through writing a large object: a chunk uploaded, never composed."""
+        parent, _, name = key.rpartition("/")
+        self.put(f"{parent}/.{name}.upload-killed/000000", b"x" * 1024)
+
+    def bad_credentials(self, folder: Path):
+        """No emulator and no usable credentials: the job must say so in one line (the emulator checks none)."""
+        @contextmanager
+        def server():
+            missing = str(folder / "no-such-service-account.json")
+            yield {"STORAGE_EMULATOR_HOST": "", "GOOGLE_APPLICATION_CREDENTIALS": missing, "NO_GCE_CHECK": "true"}, \
+                "no-such-service-account"
+
+        return server()
+
+    missing_extra = "google.cloud.storage"
+    install_hint = "pip install 'embedder[gcs]'"
+    denied = "no Google Cloud credentials"
 
 
 @contextmanager
@@ -153,6 +205,18 @@ def started(scheme: str, folder: Path):
             clear_store_caches()
             try:
                 yield env, S3Bucket(env)
+            finally:
+                _restore(saved)
+                clear_store_caches()
+    elif scheme == "gs":
+        from gcs_server import gcs_server
+
+        with gcs_server(folder) as env:
+            saved = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
+            clear_store_caches()
+            try:
+                yield env, GCSBucket(env)
             finally:
                 _restore(saved)
                 clear_store_caches()

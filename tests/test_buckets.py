@@ -1,8 +1,9 @@
-"""Buckets with the guarantees of a local disk, against real servers on 127.0.0.1: moto's S3 and Azurite.
+"""Buckets with the guarantees of a local disk, against real servers on 127.0.0.1: moto's S3, Azurite, fake-gcs-server.
 
-The job runs in subprocesses with the real client stacks (boto3 and pyarrow's S3 filesystem; azure-storage-blob)
-pointed at the servers as a user points them at MinIO, R2 or Azurite: AWS_ENDPOINT_URL,
-AZURE_STORAGE_CONNECTION_STRING. Every test runs on both stores (tests/buckets.py).
+The job runs in subprocesses with the real client stacks (boto3 and pyarrow's S3 filesystem; azure-storage-blob;
+google-cloud-storage) pointed at the servers as a user points them at MinIO, R2 or an emulator:
+AWS_ENDPOINT_URL, AZURE_STORAGE_CONNECTION_STRING, STORAGE_EMULATOR_HOST. Every test runs on every store
+(tests/buckets.py).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ pytestmark = pytest.mark.slow
 WINDOW = 100
 
 
-@pytest.fixture(scope="module", params=["s3", "az"], ids=["s3", "azure"])
+@pytest.fixture(scope="module", params=["s3", "az", "gs"], ids=["s3", "azure", "gcs"])
 def bucket(request, tmp_path_factory):
     """A server of each kind with a bucket (container) in it; this process is pointed at it too."""
     with started(request.param, tmp_path_factory.mktemp(f"server-{request.param}")) as (_env, view):
@@ -212,12 +213,6 @@ def test_missing_input_in_a_bucket_is_one_line_and_exit_2(spec, fragment, job_ar
     assert not list(tmp_path.iterdir())
 
 
-def test_gcs_is_refused_with_one_line(job_args, tmp_path):
-    run = run_job([*job_args, "--in", "gs://some-bucket/corpus/", "--out", str(tmp_path / "x.parquet")])
-    assert run.returncode == 2
-    assert "Google Cloud Storage is not supported yet" in error_line(run)
-
-
 def test_an_existing_bucket_output_is_refused_and_a_missing_output_bucket_is_exit_2(job_args, bucket, bucket_corpus):
     bucket.put("exists/vecs.parquet", b"not ours")
     refused = run_job([*job_args, "--in", bucket_corpus, "--out", bucket.uri("exists/vecs.parquet")])
@@ -231,7 +226,7 @@ def test_wrong_credentials_are_one_line_and_exit_2(job_args, bucket, tmp_path):
     with bucket.bad_credentials(tmp_path) as (env, secret):
         run = run_job([*job_args, "--in", bucket.uri("corpus/"), "--out", str(tmp_path / "x.parquet")], env)
     assert run.returncode == 2
-    assert f"access to {bucket.word} {NAME} denied" in error_line(run)
+    assert bucket.denied.format(name=NAME) in error_line(run)
     assert secret not in run.stderr + run.stdout
 
 

@@ -1,5 +1,5 @@
 """jobs.embed_ray on a local Ray with 2 CPUs: equal to the single-process job, complete after a killed actor,
-and the same from a bucket to a bucket (moto's S3 server and Azurite, tests/buckets.py).
+and the same from a bucket to a bucket (S3, Azure and GCS servers on 127.0.0.1, tests/buckets.py).
 
 Select these with `-m ray` (or leave them out with `-m "not ray"`); they need the `ray` extra. The
 tests that need no Ray (bad input fails before Ray starts, the single-process job never imports
@@ -38,11 +38,11 @@ def fault_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def buckets(tmp_path_factory):
-    """An S3 server (moto) and an Azure one (Azurite) for the module, each with a bucket: started before Ray,
+    """An S3 server (moto), an Azure one (Azurite) and a GCS one (fake-gcs-server), each with a bucket: started before Ray,
     whose workers get their endpoints and credentials when it starts (tests/buckets.py)."""
     with contextlib.ExitStack() as stack:
         views = {scheme: stack.enter_context(started(scheme, tmp_path_factory.mktemp(f"ray-{scheme}")))[1]
-                 for scheme in ("s3", "az")}
+                 for scheme in ("s3", "az", "gs")}
         yield views
 
 
@@ -138,7 +138,7 @@ def test_ray_output_equals_the_single_process_output(ray_cluster, job_args, refe
 
 @pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.parametrize("scheme", ["s3", "az"], ids=["s3", "azure"])
+@pytest.mark.parametrize("scheme", ["s3", "az", "gs"], ids=["s3", "azure", "gcs"])
 def test_a_bucket_in_and_a_bucket_out_equal_the_single_process_output(scheme, ray_cluster, buckets, job_args, corpus,
                                                                       reference, tmp_path):
     """Ray Data reads the bucket's corpus through pyarrow's filesystem for the store; the actors stage their parts

@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import functools
-import io
 import os
 import time
 import uuid
@@ -24,7 +23,7 @@ from collections.abc import Iterator
 import pyarrow as pa
 
 from embedder.errors import EmbedderError, InputError, OutputError, OutputExistsError, UsageError
-from embedder.io.store import ChunkedUpload, FileEntry, ObjectStore
+from embedder.io.store import ChunkedUpload, FileEntry, ObjectStore, RangedReader
 
 _INSTALL = "pip install 'embedder[azure]'"
 _BLOCK_BYTES = 8 << 20  # staged blocks; a blob holds up to 50,000 of them (about 390 GiB at this size)
@@ -162,7 +161,13 @@ class AzureStore(ObjectStore):
         entry = self.entry(path)
         if entry is None:
             raise FileNotFoundError(f"{self.uri(path)} does not exist")
-        return pa.PythonFile(_RangedReader(self, path, entry.size), mode="r")
+        client = self.blob(path)
+
+        def fetch(offset: int, length: int) -> bytes:
+            with self._explained("GetBlob", path):
+                return client.download_blob(offset=offset, length=length).readall()
+
+        return pa.PythonFile(RangedReader(fetch, entry.size), mode="r")
 
     def read_bytes(self, path: str) -> bytes | None:
         found = self.read_versioned(path)
@@ -262,42 +267,6 @@ class AzureStore(ObjectStore):
 def _etag(value: str) -> str:
     """Listings and properties quote ETags differently: compare them bare."""
     return value.strip('"')
-
-
-class _RangedReader(io.RawIOBase):
-    """A seekable, read-only view of a blob that downloads only the ranges read."""
-
-    def __init__(self, store: AzureStore, path: str, size: int):
-        self.store, self.path, self.size, self.position = store, path, size, 0
-        self.client = store.blob(path)
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.position
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
-        self.position = max(0, base + offset)
-        return self.position
-
-    def read(self, size: int = -1) -> bytes:
-        end = self.size if size is None or size < 0 else min(self.size, self.position + size)
-        if end <= self.position:
-            return b""
-        with self.store._explained("GetBlob", self.path):
-            data = self.client.download_blob(offset=self.position, length=end - self.position).readall()
-        self.position += len(data)
-        return data
-
-    def readinto(self, buffer) -> int:
-        data = self.read(len(buffer))
-        buffer[:len(data)] = data
-        return len(data)
 
 
 class _BlockUpload(ChunkedUpload):

@@ -12,6 +12,7 @@ conditional writes in a bucket.
 
 from __future__ import annotations
 
+import io
 import posixpath
 import re
 from abc import ABC, abstractmethod
@@ -24,8 +25,6 @@ import pyarrow as pa
 
 from embedder.errors import UsageError
 
-# URI schemes of stores that are not written yet: refused with one line rather than read as local paths.
-_PLANNED = {"gs": "Google Cloud Storage", "gcs": "Google Cloud Storage"}
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
@@ -172,6 +171,40 @@ class ChunkedUpload:
         self.closed = True
 
 
+class RangedReader(io.RawIOBase):
+    """A seekable, read-only file over an object that fetches only the ranges read: fetch(offset, length)."""
+
+    def __init__(self, fetch: Callable[[int, int], bytes], size: int):
+        self.fetch, self.size, self.position = fetch, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def read(self, size: int = -1) -> bytes:
+        end = self.size if size is None or size < 0 else min(self.size, self.position + size)
+        if end <= self.position:
+            return b""
+        data = self.fetch(self.position, end - self.position)
+        self.position += len(data)
+        return data
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+
 def scheme_of(spec: str) -> str:
     """The URI scheme ("s3", "file"), or "" for a plain path."""
     match = _SCHEME.match(spec)
@@ -203,9 +236,15 @@ def locate(spec: str) -> tuple[Store, str]:
             raise UsageError(f"{spec}: no container name")
         path = f"{container}/{key}".rstrip("/") if key.strip("/") else container
         return AzureStore.for_container(container, host.split(".", 1)[0] or None), path
-    if scheme in _PLANNED:
-        raise UsageError(f"{spec}: {_PLANNED[scheme]} is not supported yet; copy the data to S3 or a local disk")
-    raise UsageError(f"{spec}: unknown storage scheme '{scheme}://'; use a local path, file://, s3:// or az://")
+    if scheme in ("gs", "gcs"):
+        from embedder.io.gcs_store import GCSStore
+
+        rest = spec.split("://", 1)[1]
+        bucket = rest.split("/", 1)[0]
+        if not bucket:
+            raise UsageError(f"{spec}: no bucket name")
+        return GCSStore.for_bucket(bucket), rest.rstrip("/") or bucket
+    raise UsageError(f"{spec}: unknown storage scheme '{scheme}://'; use a local path, file://, s3://, gs:// or az://")
 
 
 def glob_regex(pattern: str) -> re.Pattern:
