@@ -23,9 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 done, 1 run-time failure, 2 bad input or usage, 130/143 stopped by SIGINT/SIGTERM "
         "(rerun the same command to resume).",
     )
-    p.add_argument("--in", dest="inputs", required=True, help="a Parquet file, a folder of them, or a glob; a local path or an s3:// or az:// URI")
+    p.add_argument("--in", dest="inputs", required=True, help="a Parquet file, a folder of them, or a glob; a local path or an s3://, gs:// or az:// URI")
     p.add_argument("--out", required=True, help="output Parquet file, or a folder of part files if it ends in '/'; a "
-                   "local path, s3:// or az:// URI (appears only when complete)")
+                   "local path, s3://, gs:// or az:// URI (appears only when complete)")
     add_model_options(p)
     p.add_argument("--shard", default="0/1", help="I/N: embed only part I of N (by file and row group); the N outputs in order make the whole (default 0/1)")
     p.add_argument("--resume", action="store_true", help="require committed progress to resume (a rerun resumes by default)")
