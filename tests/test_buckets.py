@@ -240,21 +240,26 @@ def test_a_bucket_uri_without_its_extra_names_the_pip_command(job_args, bucket, 
     assert bucket.install_hint in error_line(run)
 
 
-def test_the_upload_stream_publishes_whole_or_nothing(bucket):
+def test_the_upload_stream_publishes_whole_or_nothing(bucket, monkeypatch):
+    from embedder.io import gcs_store
+
+    # GCS composes chunks 32 at a time: with 1 MiB chunks, 40 MiB needs a compose of composes.
+    monkeypatch.setattr(gcs_store, "_CHUNK_BYTES", 1 << 20)
     store, path = locate(bucket.uri("stream/big.bin"))
     chunk = os.urandom(1 << 20)
-    with store.writer(path) as sink:  # 20 MiB: several parts (S3) or blocks (Azure)
-        for _ in range(20):
+    with store.writer(path) as sink:  # 40 MiB: several parts (S3), blocks (Azure) or composed chunks (GCS)
+        for _ in range(40):
             sink.write(chunk)
-        assert bucket.keys("stream/") == []  # nothing visible before the end
-    assert bucket.get("stream/big.bin") == chunk * 20
+        assert [k for k in bucket.keys("stream/") if not k.startswith("stream/.")] == []  # nothing visible yet
+    assert bucket.get("stream/big.bin") == chunk * 40
+    assert bucket.keys("stream/") == ["stream/big.bin"]  # no chunk objects left
 
     store, path = locate(bucket.uri("stream/failed.bin"))
     with pytest.raises(RuntimeError), store.writer(path) as sink:
         for _ in range(20):
             sink.write(chunk)
         raise RuntimeError("the writer failed half-way")
-    assert bucket.keys("stream/failed") == [] and bucket.open_uploads() == []
+    assert bucket.keys("stream/") == ["stream/big.bin"] and bucket.open_uploads() == []
 
 
 def test_embed_parquet_takes_bucket_uris(model_zoo, export_cache_dir, bucket, bucket_corpus, reference):
@@ -280,3 +285,9 @@ def test_uploads_left_open_by_a_killed_job_are_cleared_on_resume(job_args, bucke
     assert resumed.returncode == 0, resumed.stderr
     assert bucket.open_uploads(stray) == []
     assert read_table(bucket, "stray/vecs.parquet").num_rows == 600
+
+
+def test_a_whole_bucket_as_out_is_refused_before_any_work(job_args, bucket, bucket_corpus):
+    run = run_job([*job_args, "--in", bucket_corpus, "--out", bucket.uri("")])
+    assert run.returncode == 2
+    assert "not the bucket itself" in error_line(run)

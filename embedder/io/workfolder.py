@@ -56,6 +56,9 @@ class WorkFolder:
         self.folder_output = is_folder_output(out)
         self.store, self.out = locate(out)
         self.out_uri = self.store.uri(self.out) + ("/" if self.folder_output else "")
+        if not self.store.parent(self.out):
+            raise UsageError(f"--out {out}: name a file or folder inside the bucket (its work folder goes beside "
+                             "it), not the bucket itself")
         self.path = self.store.join(self.store.parent(self.out), f".{self.store.name(self.out)}.work")
         # On disk a folder OUT is built inside the work folder and renamed into place whole.
         self._renames = self.folder_output and isinstance(self.store, LocalStore)
