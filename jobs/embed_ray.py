@@ -25,11 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 done, 1 run-time failure, 2 bad input or usage, 130/143 stopped by SIGINT/SIGTERM "
         "(OUT is not written; rerun to start over).",
     )
-    p.add_argument("--in", dest="inputs", required=True, help="a Parquet file, a folder of them, or a glob; an s3://, gs:// or az:// URI "
-                   "or a local path on storage every node sees")
-    p.add_argument("--out", required=True, help="output folder of Parquet part files, with or without a trailing '/'; an "
-                   "s3://, gs:// or az:// URI or a local path every node sees (complete when its _SUCCESS marker is there; on disk it "
-                   "appears only when complete)")
+    p.add_argument("--in", dest="inputs", required=True, help="a Parquet file, a folder of them, or a glob; an s3://, "
+                   "gs:// or az:// URI or a local path on storage every node sees")
+    p.add_argument("--out", required=True, help="output folder of Parquet part files, with or without a trailing '/'; "
+                   "an s3://, gs:// or az:// URI or a local path every node sees (complete when its _SUCCESS marker "
+                   "is there; on disk it appears only when complete)")
     add_model_options(p, threads_default="--cpus-per-worker, at least 1")
     p.add_argument("--workers", type=int, default=1, help="actors, each with its own onnxruntime session (default 1)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs Ray reserves for each actor (default 1)")
