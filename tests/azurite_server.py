@@ -22,7 +22,8 @@ KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr
 
 
 def _installed() -> Path:
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "embedder-tests" / f"azurite-{AZURITE_VERSION}"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    root = cache / "embedder-tests" / f"azurite-{AZURITE_VERSION}"
     binary = root / "node_modules" / ".bin" / "azurite-blob"
     if not binary.exists():
         npm = shutil.which("npm")
@@ -62,7 +63,8 @@ def azurite_server(folder: Path):
                     break
             except OSError:
                 if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"Azurite did not start: {(folder / 'azurite.log').read_text()[-2000:]}") from None
+                    said = (folder / "azurite.log").read_text()[-2000:]
+                    raise RuntimeError(f"Azurite did not start: {said}") from None
                 time.sleep(0.2)
         yield {"AZURE_STORAGE_CONNECTION_STRING": connection_string(port)}, port
     finally:

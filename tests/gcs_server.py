@@ -46,7 +46,8 @@ def gcs_server(folder: Path):
                     break
             except OSError:
                 if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"fake-gcs-server did not start: {(folder / 'fake-gcs-server.log').read_text()[-2000:]}") from None
+                    said = (folder / "fake-gcs-server.log").read_text()[-2000:]
+                    raise RuntimeError(f"fake-gcs-server did not start: {said}") from None
                 time.sleep(0.1)
         yield {"STORAGE_EMULATOR_HOST": url}
     finally:

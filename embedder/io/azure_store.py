@@ -35,7 +35,8 @@ def _sdk():
         from azure.core import MatchConditions
         from azure.storage.blob import BlobServiceClient
     except ImportError:
-        raise UsageError(f"az:// and abfs:// paths need azure-storage-blob, which is not installed: {_INSTALL}") from None
+        raise UsageError(f"az:// and abfs:// paths need azure-storage-blob, which is not installed: {_INSTALL}") \
+            from None
     return BlobServiceClient, MatchConditions, errors
 
 
@@ -60,7 +61,8 @@ def _service(account: str | None):
         try:
             from azure.identity import DefaultAzureCredential
         except ImportError:
-            raise UsageError(f"no Azure key or SAS token is set and azure-identity is not installed: {_INSTALL}") from None
+            raise UsageError(f"no Azure key or SAS token is set and azure-identity is not installed: {_INSTALL}") \
+                from None
         credential = DefaultAzureCredential()
     return BlobServiceClient(url, credential=credential, **options)
 
@@ -124,7 +126,8 @@ class AzureStore(ObjectStore):
                 raise missing(f"container {self.bucket} does not exist ({where})") from None
             raise missing(f"{self.uri(path)} does not exist ({operation})") from None
         except errors.ClientAuthenticationError as e:
-            raise UsageError(f"access to container {self.bucket} denied ({where}: {getattr(e, 'error_code', None) or 'authentication failed'}); "
+            code = getattr(e, "error_code", None) or "authentication failed"
+            raise UsageError(f"access to container {self.bucket} denied ({where}: {code}); "
                              "check the Azure credentials and the container's permissions") from None
         except errors.HttpResponseError as e:
             if e.status_code == 403:
@@ -224,7 +227,8 @@ class AzureStore(ObjectStore):
             while (state := target.get_blob_properties().copy).status == "pending":
                 time.sleep(0.2)
         if state.status != "success":
-            raise OutputError(f"copying {self.uri(src)} to {self.uri(dst)} ended {state.status}: {state.status_description}")
+            raise OutputError(f"copying {self.uri(src)} to {self.uri(dst)} ended {state.status}: "
+                              f"{state.status_description}")
 
     def delete(self, path: str) -> None:
         _, _, errors = _sdk()

@@ -145,6 +145,7 @@ class LocalStore(Store):
     def clear_strays(self, work: str, out: str) -> None:
         # Temporary files of a killed run (a part being written, a final write); the caller holds the lock.
         strays = glob.glob(os.path.join(glob.escape(work), "**", ".*.tmp"), recursive=True)
-        strays += glob.glob(os.path.join(glob.escape(os.path.dirname(out)), f".{glob.escape(os.path.basename(out))}.*.tmp"))
+        beside = f".{glob.escape(os.path.basename(out))}.*.tmp"
+        strays += glob.glob(os.path.join(glob.escape(os.path.dirname(out)), beside))
         for stray in strays:
             self.delete(stray)

@@ -168,7 +168,8 @@ class WorkFolder:
         try:
             write_part(self.store, self._part(index), table)
         except OSError as e:
-            raise OutputError(f"committing window {index} to {self.store.uri(self.path)} failed: {first_line(e)}") from e
+            raise OutputError(f"committing window {index} to {self.store.uri(self.path)} failed: "
+                              f"{first_line(e)}") from e
 
     def publish(self, schema: pa.Schema, overwrite: bool, windows: int) -> int:
         """Make OUT from the committed parts (a file or a folder, as OUT was named); return the row count."""
