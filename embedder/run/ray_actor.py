@@ -25,7 +25,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import embedder.hooks as hooks
+from embedder.config import TextSource
 from embedder.errors import EmbedderError, ExportError, OutputError
+from embedder.infer.vectors import VectorFormat
 from embedder.infer.window import BatchingOptions, WindowEmbedder
 from embedder.io.atomic import fsync_path
 from embedder.io.parquet import check_utf8
@@ -50,7 +52,7 @@ class GraphSource:
 class WorkerOptions:
     """What each actor needs besides the graph; built once by the driver."""
 
-    text_col: str
+    text: TextSource
     output_schema: pa.Schema
     staging: str  # folder the part files are written to (renamed to OUT by the driver)
     device: str
@@ -59,6 +61,8 @@ class WorkerOptions:
     prompt: str | None
     batching: BatchingOptions
     window_rows: int
+    vector_format: VectorFormat  # with its int8/uint8 ranges: the driver calibrates them
+    token_counts: bool = False
 
 
 def _verified(folder: Path, manifest: Manifest) -> bool:
@@ -117,7 +121,8 @@ class EmbedActor:
         self.options = options
         artifact = materialize_graph(graph)
         self.embedder = WindowEmbedder(artifact, options.device, options.threads, options.max_seq_len,
-                                       options.prompt, options.batching)
+                                       options.prompt, options.batching, vector_format=options.vector_format,
+                                       token_counts=options.token_counts)
         context = ray.get_runtime_context()
         self.worker = context.get_actor_id() or f"pid-{os.getpid()}"
         self.node = context.get_node_id()
@@ -126,15 +131,16 @@ class EmbedActor:
     def __call__(self, block: pa.Table) -> pa.Table:
         started = time.perf_counter()
         metrics = Metrics()
-        text_col = self.options.text_col
-        _check_utf8(block, text_col)
+        text = self.options.text
+        for text_col in text.columns:
+            _check_utf8(block, text_col, text.columns)
         name = f"part-{uuid.uuid4().hex}.parquet"
         staging = Path(self.options.staging)
         tmp = staging / f".{name}.inprogress"
         try:
             with pq.ParquetWriter(tmp, self.options.output_schema) as writer:
                 # The run loop's own windows, prefetch and batching, on this block's rows.
-                for table in embedded_windows(self.embedder, block.to_batches(), text_col, self.options.window_rows,
+                for table in embedded_windows(self.embedder, block.to_batches(), text, self.options.window_rows,
                                               self.options.output_schema, metrics):
                     hooks.reached("embedded")
                     with metrics.stage("write"):
@@ -171,10 +177,10 @@ class EmbedActor:
         })
 
 
-def _check_utf8(block: pa.Table, text_col: str) -> None:
+def _check_utf8(block: pa.Table, text_col: str, text_cols: tuple[str, ...] = ()) -> None:
     """Parquet readers do not validate string pages: refuse bad UTF-8 as the single-process job does, naming
     the row by its first carried column (an id, usually) since a block's row numbers mean nothing to the user."""
-    carried = [n for n in block.column_names if n != text_col][:1]
+    carried = [n for n in block.column_names if n != text_col and n not in text_cols][:1]
 
     def row_label(index: int) -> str:
         return f"{carried[0]}={block.column(carried[0])[index].as_py()!r}" if carried else f"{index} of a block"
