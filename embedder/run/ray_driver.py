@@ -213,7 +213,7 @@ def _execute(ray, inputs: InputSet, graph: GraphSource, worker: WorkerOptions, o
         read_schema = pa.schema([*inputs.keep_schema, *(pa.field(c, pa.large_string()) for c in inputs.text_cols)])
         # The explicit schema reads every file's text column (string, large_string, dictionary, binary) as
         # large_string and the carried columns as open_inputs widened them; no hive partition columns are added.
-        dataset = ray.data.read_parquet([str(p.resolve()) for p in inputs.files], schema=read_schema,
+        dataset = ray.data.read_parquet(inputs.uris(), schema=read_schema,
                                         partitioning=None, file_extensions=None)
         if "target_num_rows_per_block" in inspect.signature(dataset.repartition).parameters:
             # Streaming (no shuffle): blocks of --window-rows rows spread over the actors.
