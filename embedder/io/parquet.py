@@ -181,7 +181,7 @@ def iter_record_batches(inputs: InputSet, batch_rows: int, skip_rows: int = 0) -
         units = [u for u in inputs.units if u.file == file]
         groups = []
         for unit in units:
-            if skip_rows >= unit.rows:
+            if not groups and skip_rows >= unit.rows:  # only leading row groups: the rest are read, then sliced
                 skip_rows -= unit.rows
             else:
                 groups.append(unit.row_group)
