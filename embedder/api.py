@@ -19,13 +19,12 @@ from embedder.build.cache import get_or_export
 from embedder.config import ExportOptions, JobConfig, OutputOptions, TextSource, check_embedding_options, default_cache_dir
 from embedder.errors import InputError, UsageError
 from embedder.infer.devices import candidates
-from embedder.infer.vectors import VectorFormat
 from embedder.infer.window import BatchingOptions, WindowEmbedder, text_settings
-from embedder.io.calibration import read_calibration
 from embedder.io.parquet import is_text_type
 from embedder.metrics import Metrics
 from embedder.model.spec import Pooling, load_spec
 from embedder.run.local import run
+from embedder.run.loop import checked_vector_format
 from embedder.schema import output_schema
 
 logger = logging.getLogger(__name__)
@@ -80,10 +79,8 @@ class Embedder:
         spec = load_spec(None if model is None else str(model), export.pooling)
         text_settings(max_seq_len, prompt, spec.max_seq_length, spec.prompts, spec.default_prompt_name,
                       spec.include_prompt)  # a bad max_seq_len or prompt costs no export
-        vector_format = VectorFormat.for_model(spec, options)  # nor does a bad truncate_dim
-        if options.calibration is not None:
-            vector_format = vector_format.calibrated(*read_calibration(options.calibration))
-        elif calibration is not None:
+        vector_format = checked_vector_format(spec, options)  # nor does a bad truncate_dim or calibration file
+        if calibration is not None and from_file is None:
             vector_format = vector_format.calibrated(calibration, "the calibration vectors")
         artifact = get_or_export(spec, export, _path(cache_dir) or default_cache_dir())
         self._window_embedder = WindowEmbedder(artifact, device, threads, max_seq_len, prompt,
@@ -158,7 +155,7 @@ class Embedder:
             text_col: the column holding the text (default "text"): string, large_string, string_view, binary
                 holding UTF-8, or dictionary-encoded (polars: String or Categorical); nulls allowed.
             text_template: instead of text_col, each row's text made of several such columns with str.format:
-                "{title}\n\n{body}"; a null field is empty text, a row whose fields are all null has none.
+                "{title}\\n\\n{body}"; a null field is empty text, a row whose fields are all null has none.
 
         Returns:
             The same type as table. `embedding` is fixed_size_list<float32>[dim] by default (polars:
@@ -222,9 +219,10 @@ def embed_parquet(inputs: PathLike, output: PathLike, *, model: str | os.PathLik
 
     Each keyword is the command line's flag of that name (README, Commands), with the same defaults except
     progress; keep_cols, pooling and shard also take the flags' strings ("id,title", "cls+mean", "0/4"), and
-    text_col defaults to "text" unless text_template is given. The caller keeps what --prometheus-out and --log-level do: the metrics are returned, and the job logs
-    through the logging module. SIGINT and SIGTERM stop the job after the batch in flight (raising
-    Interrupted, committed windows kept) while it runs in the main thread, as they stop the command.
+    text_col defaults to "text" unless text_template is given. The caller keeps what --prometheus-out and
+    --log-level do: the metrics are returned, and the job logs through the logging module. SIGINT and SIGTERM
+    stop the job after the batch in flight (raising Interrupted, committed windows kept) while it runs in the
+    main thread, as they stop the command.
 
     Returns:
         The metrics dict that the command prints (README, Metrics).

@@ -31,7 +31,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import _cpu_name, _isa, _version  # noqa: E402  (scripts/bench.py: how every bench names the machine)
-
 from embedder.infer.vectors import FIRST_WINDOW, VectorFormat  # noqa: E402
 from embedder.schema import OUTPUT_DTYPES, embedding_array  # noqa: E402
 
@@ -119,7 +118,7 @@ def main() -> int:
         "results": results,
     }
     summary["software"]["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                                   capture_output=True, text=True).stdout.strip()
+                                                   capture_output=True, text=True, check=False).stdout.strip()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
     print("| dtype | embedding | file bytes | vs float32 | store s | Parquet write s | job write s |")

@@ -287,14 +287,14 @@ def test_embedder_embed_with_a_template_equals_the_job(template_run, model_zoo, 
 BAD_VALUES = [
     (["--truncate-dim", "0"], "--truncate-dim must be at least 1, got 0"),
     (["--truncate-dim", "17"], "--truncate-dim 17 exceeds the model's dimension 16"),
-    (["--output-dtype", "int4"], "--output-dtype int4 is not supported; valid: float32, float16, int8, uint8, binary, "
-                                 "ubinary"),
+    (["--output-dtype", "int4"], ("--output-dtype int4 is not supported; valid: float32, float16, int8, uint8, "
+                                  "binary, ubinary")),
     (["--text-template", "{title} {nope} {gone}"], "columns 'nope', 'gone' not found; columns are: id, title, text"),
     (["--text-col", "text", "--text-template", "{title}"], "--text-col and --text-template are mutually exclusive"),
     (["--text-template", "{0}"], "field {0} must name a column"),
     (["--output-dtype", "int8", "--shard", "0/2"], "--shard with --output-dtype int8 needs --calibration FILE"),
-    (["--output-dtype", "float16", "--calibration", "x.parquet"], "--calibration sets the ranges of --output-dtype "
-                                                                  "int8 or uint8, not float16"),
+    (["--output-dtype", "float16", "--calibration", "x.parquet"], ("--calibration sets the ranges of "
+                                                                   "--output-dtype int8 or uint8, not float16")),
 ]
 BAD_IDS = ["dim-0", "dim-above-model", "unknown-dtype", "template-missing-columns", "text-col-and-template",
            "positional-field", "shard-without-calibration", "calibration-without-int8"]
@@ -369,7 +369,7 @@ def test_readme_int8_search_example(export_cache_dir, tmp_path, monkeypatch, cap
     assert embed_main([*command, "--device", "cpu", "--progress", "off", "--log-level", "WARNING"]) == 0
     capsys.readouterr()  # the job's metrics line
     namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 (the README's own code, run as printed)
     ids = json.loads(capsys.readouterr().out.split("]")[0] + "]")
     assert ids[0] == texts.index(query)  # the query's own row ranks first
     assert namespace["scores"].shape == (len(texts) - 1,)

@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from embedder import __version__
 from embedder.build.cache import get_or_export
-from embedder.config import JobConfig, TextSource, default_cache_dir
+from embedder.config import JobConfig, OutputOptions, TextSource, default_cache_dir
 from embedder.errors import UsageError
 from embedder.infer.tokenize import TextTokenizer
 from embedder.infer.vectors import FIRST_WINDOW, VectorFormat
@@ -74,14 +74,19 @@ def set_up(config: JobConfig, metrics: Metrics, folder_output: bool = False,
         spec = load_spec(config.model, config.export.pooling)
         text_settings(config.max_seq_len, config.prompt, spec.max_seq_length, spec.prompts, spec.default_prompt_name,
                       spec.include_prompt)  # a bad --max-seq-len or --prompt costs no export
-        vector_format = VectorFormat.for_model(spec, config.output_options)  # nor does a bad --truncate-dim
-        if config.output_options.calibration is not None:
-            vectors, uri = read_calibration(config.output_options.calibration)
-            vector_format = vector_format.calibrated(vectors, uri)
+        vector_format = checked_vector_format(spec, config.output_options)  # nor does a bad --truncate-dim
         artifact = get_or_export(spec, config.export, config.cache_dir or default_cache_dir())
         tokenizer = make_tokenizer(artifact, config.max_seq_len, config.prompt)
     metrics.cache_hit = artifact.hit
     return Setup(config, inputs, spec, artifact, tokenizer, vector_format)
+
+
+def checked_vector_format(spec: ModelSpec, options: OutputOptions) -> VectorFormat:
+    """--truncate-dim and --output-dtype checked against the model, with --calibration's ranges if given."""
+    vector_format = VectorFormat.for_model(spec, options)
+    if options.calibration is not None:
+        vector_format = vector_format.calibrated(*read_calibration(options.calibration))
+    return vector_format
 
 
 def file_schema(setup: Setup, graph: Path, vector_format: VectorFormat) -> pa.Schema:
