@@ -183,6 +183,11 @@ class JobConfig:
             raise UsageError("--resume and --restart contradict each other; pick one")
         text = TextSource.of(self.text_col, self.text_template)
         object.__setattr__(self, "text_col", text.column)
+        kept = [name for name in text.columns if self.keep_cols and name in self.keep_cols]
+        if kept:
+            # The reader hands the window embedder each column once, and the text columns are consumed.
+            raise UsageError(f"--keep-cols names {', '.join(kept)}, which the text is read from; the output cannot "
+                             "carry a text column yet: copy it under another name to keep it")
         if self.output_options.calibrated and self.output_options.calibration is None and self.shard[1] > 1:
             # Each shard would calibrate on its own first window: the shards' vectors would not be comparable.
             raise UsageError(f"--shard with --output-dtype {self.output_options.dtype} needs --calibration FILE, so that "

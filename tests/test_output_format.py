@@ -292,12 +292,14 @@ BAD_VALUES = [
     (["--text-template", "{title} {nope} {gone}"], "columns 'nope', 'gone' not found; columns are: id, title, text"),
     (["--text-col", "text", "--text-template", "{title}"], "--text-col and --text-template are mutually exclusive"),
     (["--text-template", "{0}"], "field {0} must name a column"),
+    (["--text-template", "{title}: {text}", "--keep-cols", "id,title"], "--keep-cols names title, which the text is "
+                                                                         "read from"),
     (["--output-dtype", "int8", "--shard", "0/2"], "--shard with --output-dtype int8 needs --calibration FILE"),
     (["--output-dtype", "float16", "--calibration", "x.parquet"], ("--calibration sets the ranges of "
                                                                    "--output-dtype int8 or uint8, not float16")),
 ]
 BAD_IDS = ["dim-0", "dim-above-model", "unknown-dtype", "template-missing-columns", "text-col-and-template",
-           "positional-field", "shard-without-calibration", "calibration-without-int8"]
+           "positional-field", "keep-a-text-column", "shard-without-calibration", "calibration-without-int8"]
 
 
 @pytest.mark.parametrize(("job", "flags", "message"), [
