@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from embedder.build.cache import get_or_export
-from embedder.config import ExportOptions, JobConfig, check_embedding_options, default_cache_dir
+from embedder.config import ExportOptions, JobConfig, OutputOptions, TextSource, check_embedding_options, default_cache_dir
 from embedder.errors import InputError, UsageError
 from embedder.infer.devices import candidates
 from embedder.infer.window import BatchingOptions, WindowEmbedder, text_settings
@@ -24,7 +24,8 @@ from embedder.io.parquet import is_text_type
 from embedder.metrics import Metrics
 from embedder.model.spec import Pooling, load_spec
 from embedder.run.local import run
-from embedder.schema import EMBEDDING_COLUMN, embedding_array
+from embedder.run.loop import checked_vector_format
+from embedder.schema import output_schema
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,11 @@ class Embedder:
         window_rows: rows sorted by length and embedded together.
         threads: onnxruntime intra-op threads (None: one per core).
         cache_dir: graph cache (None: $EMBEDDER_CACHE, else ~/.cache/embedder).
+        truncate_dim: keep the first D dimensions, L2-normalized again (None: the model's config's truncate_dim).
+        output_dtype: "float32", "float16", "int8", "uint8", "binary" or "ubinary", as jobs.embed stores them.
+        calibration: int8/uint8 ranges from these float vectors: an array (n, dim), or a Parquet file (path or
+            URI) with an `embedding` column. None: from the first window this Embedder embeds (then `ranges`).
+        with_token_counts: embed() adds `tokens` and `truncated` columns before `embedding`.
 
     Raises:
         EmbedderError: a subclass per cause (UsageError, ModelNotFoundError, ExportError, DeviceError, ...),
@@ -58,17 +64,28 @@ class Embedder:
     def __init__(self, model: str | os.PathLike | None = None, *, device: str = "auto", precision: str = "fp32",
                  pooling: str | tuple[Pooling, ...] | None = None, max_seq_len: int | None = None,
                  prompt: str | None = None, max_tokens: int | None = None, max_batch_size: int = 256,
-                 window_rows: int = 20000, threads: int | None = None, cache_dir: PathLike | None = None):
+                 window_rows: int = 20000, threads: int | None = None, cache_dir: PathLike | None = None,
+                 truncate_dim: int | None = None, output_dtype: str = "float32",
+                 calibration: np.ndarray | PathLike | None = None, with_token_counts: bool = False):
         export = ExportOptions(pooling=pooling, precision=precision)
+        from_file = calibration if isinstance(calibration, (str, os.PathLike)) else None
+        options = OutputOptions(truncate_dim, output_dtype, None if from_file is None else os.fspath(from_file),
+                                with_token_counts)
+        if calibration is not None and from_file is None and not options.calibrated:
+            raise UsageError(f"calibration sets the ranges of output_dtype int8 or uint8, not {output_dtype}")
         check_embedding_options(max_seq_len, max_tokens, max_batch_size, window_rows, threads)
         # Refuse a device the precision cannot run on now, not after an export.
         candidates(device, precision)
         spec = load_spec(None if model is None else str(model), export.pooling)
         text_settings(max_seq_len, prompt, spec.max_seq_length, spec.prompts, spec.default_prompt_name,
                       spec.include_prompt)  # a bad max_seq_len or prompt costs no export
+        vector_format = checked_vector_format(spec, options)  # nor does a bad truncate_dim or calibration file
+        if calibration is not None and from_file is None:
+            vector_format = vector_format.calibrated(calibration, "the calibration vectors")
         artifact = get_or_export(spec, export, _path(cache_dir) or default_cache_dir())
         self._window_embedder = WindowEmbedder(artifact, device, threads, max_seq_len, prompt,
-                                                BatchingOptions(max_tokens, max_batch_size))
+                                                BatchingOptions(max_tokens, max_batch_size),
+                                                vector_format=vector_format, token_counts=with_token_counts)
         self.model = spec.name
         self.window_rows = window_rows
         logger.info("model %s (dim %d, max_seq_length %d) on %s", self.model, self.dim, self.max_seq_length,
@@ -76,8 +93,19 @@ class Embedder:
 
     @property
     def dim(self) -> int:
-        """Length of each vector."""
-        return self._window_embedder.encoder.dim
+        """Dimensions of each vector: the model's, or truncate_dim (binary output packs 8 of them per byte)."""
+        return self._window_embedder.vector_format.dim
+
+    @property
+    def output_dtype(self) -> str:
+        """How vectors are returned: float32, float16, int8, uint8, binary or ubinary."""
+        return self._window_embedder.vector_format.dtype
+
+    @property
+    def ranges(self) -> np.ndarray | None:
+        """int8/uint8: the per-dimension (min, max) the vectors are quantized with, float32 of shape (2, dim); None
+        until calibrated (from `calibration`, else the first window embedded), and for the other dtypes."""
+        return self._window_embedder.vector_format.ranges
 
     @property
     def device(self) -> str:
@@ -98,96 +126,103 @@ class Embedder:
         return f"Embedder({self.model!r}, dim={self.dim}, device={self.device!r})"
 
     def encode(self, texts: Iterable[str]) -> np.ndarray:
-        """Normalized sentence vectors of texts, in their order.
+        """Normalized sentence vectors of texts, in their order, as output_dtype stores them.
 
         Args:
             texts: a list, tuple, numpy array or any iterable of str, or a pyarrow string array without nulls.
 
         Returns:
-            float32 array of shape (number of texts, dim).
+            An array of shape (number of texts, dim): float32 by default, float16, int8 or uint8; binary and
+            ubinary give int8 and uint8 of shape (number of texts, dim / 8 rounded up).
 
         Raises:
             TypeError: texts is a single string, or an element is not a str (the message names its index).
         """
         texts = _text_list(texts)
-        vectors = np.empty((len(texts), self.dim), dtype=np.float32)
+        vector_format = self._window_embedder.vector_format
+        vectors = np.empty((len(texts), vector_format.width), dtype=vector_format.numpy_dtype)
         for start in range(0, len(texts), self.window_rows):
             window = texts[start : start + self.window_rows]
             vectors[start : start + len(window)] = self._embed_window(window)
         return vectors
 
-    def embed(self, table, text_col: str = "text"):
-        """The table with an `embedding` column appended: rows, their order and every other column kept.
+    def embed(self, table, text_col: str | None = None, *, text_template: str | None = None):
+        """The table with an `embedding` column appended (after `tokens` and `truncated` with_token_counts): rows,
+        their order and every other column kept.
 
         Args:
             table: a pyarrow.Table or a polars.DataFrame.
-            text_col: the column holding the text: string, large_string, string_view, binary holding UTF-8,
-                or dictionary-encoded (polars: String or Categorical); nulls allowed.
+            text_col: the column holding the text (default "text"): string, large_string, string_view, binary
+                holding UTF-8, or dictionary-encoded (polars: String or Categorical); nulls allowed.
+            text_template: instead of text_col, each row's text made of several such columns with str.format:
+                "{title}\\n\\n{body}"; a null field is empty text, a row whose fields are all null has none.
 
         Returns:
-            The same type as table. `embedding` is fixed_size_list<float32>[dim] (polars: Array(Float32, dim));
-            a null text gives a null embedding.
+            The same type as table. `embedding` is fixed_size_list<float32>[dim] by default (polars:
+            Array(Float32, dim)), or of output_dtype's type; a null text gives a null embedding.
 
         Raises:
-            InputError: text_col is missing or does not hold text.
-            UsageError: table already has an `embedding` column.
+            InputError: a text column is missing or does not hold text.
+            UsageError: table already has a column the output adds (`embedding`, `tokens`, `truncated`), or
+                both text_col and text_template are given.
             TypeError: table is neither a pyarrow.Table nor a polars.DataFrame.
         """
         is_polars = _is_polars_frame(table)
         if not is_polars and not isinstance(table, pa.Table):
             raise TypeError(f"table is {type(table).__name__}; pass a pyarrow.Table or a polars.DataFrame")
+        text = TextSource.of(text_col, text_template)
         names = list(table.columns) if is_polars else table.column_names
-        if text_col not in names:
-            raise InputError(f"column '{text_col}' not found; columns are: {', '.join(names)}")
-        if EMBEDDING_COLUMN in names:
-            raise UsageError(f"table already has a column '{EMBEDDING_COLUMN}'; drop or rename it first")
-        # Only the text column crosses to Arrow; a polars frame keeps its own columns as they are.
-        text = table.get_column(text_col).to_arrow() if is_polars else table.column(text_col)
-        embedding = self._embed_column(text, text_col)
+        missing = [c for c in text.columns if c not in names]
+        if missing:
+            quoted = ", ".join(f"'{c}'" for c in missing)
+            raise InputError(f"column{'s' if len(missing) > 1 else ''} {quoted} not found; columns are: "
+                             f"{', '.join(names)}")
+        added = output_schema(pa.schema([]), self.dim, {}, self.output_dtype, self._window_embedder.token_counts)
+        for name in added.names:
+            if name in names:
+                raise UsageError(f"table already has a column '{name}'; drop or rename it first")
+        # Only the text columns cross to Arrow; a polars frame keeps its own columns as they are.
+        columns = {name: _text_column(table.get_column(name).to_arrow() if is_polars else table.column(name), name)
+                   for name in text.columns}
+        new = self._embed_rows(pa.table(columns), text, added)
         if is_polars:
             import polars as pl
 
-            return table.with_columns(pl.from_arrow(embedding).alias(EMBEDDING_COLUMN))
-        return table.append_column(pa.field(EMBEDDING_COLUMN, embedding.type), embedding)
+            return table.with_columns(pl.from_arrow(new.column(name)).alias(name) for name in new.column_names)
+        for field in new.schema:
+            table = table.append_column(field, new.column(field.name))
+        return table
 
-    def _embed_column(self, text: pa.Array | pa.ChunkedArray, name: str) -> pa.FixedSizeListArray:
-        """Vectors of a text column's rows in windows of window_rows rows, nulls included, as the job cuts them."""
-        if not is_text_type(text.type):
-            raise InputError(f"column '{name}' is {text.type}, not a string or binary (UTF-8) column")
-        try:
-            text = text.cast(pa.large_string())  # decodes dictionaries and views; checks binary is UTF-8
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-            raise InputError(f"column '{name}' cannot be read as UTF-8 text: {e}") from e
-        valid = text.is_valid().to_numpy(zero_copy_only=False)
-        vectors = np.empty((int(valid.sum()), self.dim), dtype=np.float32)
-        done = 0
-        for start in range(0, len(text), self.window_rows):
-            window = text.slice(start, self.window_rows).drop_null().to_pylist()
-            vectors[done : done + len(window)] = self._embed_window(window)
-            done += len(window)
-        return embedding_array(vectors, valid)
+    def _embed_rows(self, texts: pa.Table, text: TextSource, added: pa.Schema) -> pa.Table:
+        """The added columns for every row, windows of window_rows rows (nulls included) cut as the job cuts them."""
+        parts = [self._window_embedder.embed(texts.slice(start, self.window_rows), text, Metrics())
+                 for start in range(0, texts.num_rows, self.window_rows)]
+        return pa.concat_tables(parts) if parts else added.empty_table()
 
     def _embed_window(self, texts: list[str]) -> np.ndarray:
         """One window's texts: tokenized together, then batched as the job batches a window's non-null rows."""
         tokens = self._window_embedder.tokenizer.encode(texts)
-        return self._window_embedder.vectors(tokens, Metrics())  # the job's counters; a call here reports none
+        return self._window_embedder.stored_vectors(tokens, Metrics())  # the job's counters; a call here reports none
 
 
 def embed_parquet(inputs: PathLike, output: PathLike, *, model: str | os.PathLike | None = None,
-                  text_col: str = "text", keep_cols: str | Iterable[str] | None = None, device: str = "auto",
+                  text_col: str | None = None, keep_cols: str | Iterable[str] | None = None, device: str = "auto",
                   precision: str = "fp32", pooling: str | tuple[Pooling, ...] | None = None,
                   max_seq_len: int | None = None, max_tokens: int | None = None, max_batch_size: int = 256,
                   window_rows: int = 20000, prompt: str | None = None, cache_dir: PathLike | None = None,
                   threads: int | None = None, metrics_out: PathLike | None = None, overwrite: bool = False,
                   progress: str = "off", shard: tuple[int, int] | str = (0, 1), resume: bool = False,
-                  restart: bool = False) -> dict:
+                  restart: bool = False, text_template: str | None = None, truncate_dim: int | None = None,
+                  output_dtype: str = "float32", calibration: PathLike | None = None,
+                  with_token_counts: bool = False) -> dict:
     """Run the batch job of `python -m jobs.embed` in this process and return its metrics.
 
     Each keyword is the command line's flag of that name (README, Commands), with the same defaults except
-    progress; keep_cols, pooling and shard also take the flags' strings ("id,title", "cls+mean", "0/4").
-    The caller keeps what --prometheus-out and --log-level do: the metrics are returned, and the job logs
-    through the logging module. SIGINT and SIGTERM stop the job after the batch in flight (raising
-    Interrupted, committed windows kept) while it runs in the main thread, as they stop the command.
+    progress; keep_cols, pooling and shard also take the flags' strings ("id,title", "cls+mean", "0/4"), and
+    text_col defaults to "text" unless text_template is given. The caller keeps what --prometheus-out and
+    --log-level do: the metrics are returned, and the job logs through the logging module. SIGINT and SIGTERM
+    stop the job after the batch in flight (raising Interrupted, committed windows kept) while it runs in the
+    main thread, as they stop the command.
 
     Returns:
         The metrics dict that the command prints (README, Metrics).
@@ -217,6 +252,9 @@ def embed_parquet(inputs: PathLike, output: PathLike, *, model: str | os.PathLik
         shard=shard,
         resume=resume,
         restart=restart,
+        text_template=text_template,
+        output_options=OutputOptions(truncate_dim, output_dtype, None if calibration is None else os.fspath(calibration),
+                                     with_token_counts),
     )
     return run(config)
 
@@ -236,6 +274,16 @@ def _text_list(texts: Iterable[str]) -> list[str]:
         if not isinstance(text, str):
             raise TypeError(f"texts[{index}] is {type(text).__name__}, not str")
     return texts
+
+
+def _text_column(column: pa.Array | pa.ChunkedArray, name: str) -> pa.ChunkedArray | pa.Array:
+    """A text column as large_string, as the job's readers give it."""
+    if not is_text_type(column.type):
+        raise InputError(f"column '{name}' is {column.type}, not a string or binary (UTF-8) column")
+    try:
+        return column.cast(pa.large_string())  # decodes dictionaries and views; checks binary is UTF-8
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        raise InputError(f"column '{name}' cannot be read as UTF-8 text: {e}") from e
 
 
 def _is_polars_frame(table) -> bool:

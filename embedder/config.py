@@ -8,6 +8,7 @@ from pathlib import Path
 
 from embedder.errors import UsageError
 from embedder.model.spec import Pooling, parse_pooling
+from embedder.schema import EMBEDDING_COLUMN, OUTPUT_DTYPES, TOKENS_COLUMN, TRUNCATED_COLUMN
 
 # Graph precisions. Which device kinds run each is the device table's (infer/devices.py): int8 uses
 # CPU-only kernels; fp16 is for CUDA (on the CPU onnxruntime casts much of it back to fp32, so it would
@@ -35,6 +36,101 @@ class ExportOptions:
             raise UsageError(f"opset {self.opset} is outside the supported range 14..20")
 
 
+# Output dtypes whose values need per-dimension ranges (calibrated, stored in the file's metadata).
+CALIBRATED_DTYPES = ("int8", "uint8")
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """How vectors are stored and what comes with them; none of it changes the graph or its cache entry."""
+
+    truncate_dim: int | None = None  # keep the first D dimensions, L2-normalized again; None: the model's own
+    dtype: str = "float32"  # one of OUTPUT_DTYPES (embedder/schema.py)
+    calibration: str | None = None  # int8/uint8: a Parquet file (path or URI) of float vectors in `embedding`
+    token_counts: bool = False  # add `tokens` and `truncated` columns
+
+    def __post_init__(self) -> None:
+        if self.dtype not in OUTPUT_DTYPES:
+            raise UsageError(f"--output-dtype {self.dtype} is not supported; valid: {', '.join(OUTPUT_DTYPES)}")
+        if self.truncate_dim is not None and (isinstance(self.truncate_dim, bool) or self.truncate_dim < 1):
+            raise UsageError(f"--truncate-dim must be at least 1, got {self.truncate_dim}")
+        if self.calibration is not None:
+            if self.dtype not in CALIBRATED_DTYPES:
+                raise UsageError(f"--calibration sets the ranges of --output-dtype int8 or uint8, not {self.dtype}")
+            object.__setattr__(self, "calibration", _location(self.calibration, "--calibration"))
+
+    @property
+    def calibrated(self) -> bool:
+        """The dtype needs per-dimension ranges."""
+        return self.dtype in CALIBRATED_DTYPES
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The columns the job adds after the carried ones."""
+        return (TOKENS_COLUMN, TRUNCATED_COLUMN, EMBEDDING_COLUMN) if self.token_counts else (EMBEDDING_COLUMN,)
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """Where a row's text comes from: one column, or a str.format template over several ({title}\n\n{body}).
+
+    With a template a null field reads as empty text, and a row whose fields are all null has no text (a null
+    vector), as a null in the one text column does.
+    """
+
+    column: str | None = "text"
+    template: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.template is not None:
+            if self.column is not None:
+                raise UsageError("--text-col and --text-template are mutually exclusive: the template names its "
+                                 "columns ({title}); drop --text-col")
+            template_fields(self.template)  # refuse a bad template now
+        elif not self.column:
+            raise UsageError("--text-col must name a column")
+
+    @classmethod
+    def of(cls, text_col: str | None, template: str | None) -> TextSource:
+        """--text-col (default 'text' when there is no template) and --text-template as given."""
+        if template is None:
+            return cls("text" if text_col is None else text_col)
+        return cls(text_col, template)
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The input columns the text is made of, in order of first use."""
+        return template_fields(self.template) if self.template is not None else (self.column,)
+
+
+def template_fields(template: str) -> tuple[str, ...]:
+    """The column names a --text-template's {fields} name, each once; refuses what str.format cannot fill by name."""
+    import string
+
+    names: list[str] = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise UsageError(f"--text-template {template!r}: {e}") from None
+    for _, name, spec, _ in parsed:
+        if name is None:
+            continue
+        if not name or name.isdigit() or any(c in name for c in ".[]"):
+            raise UsageError(f"--text-template {template!r}: field {{{name}}} must name a column, as in {{title}} "
+                             "(no positions, attributes or indexes)")
+        if spec and "{" in spec:
+            raise UsageError(f"--text-template {template!r}: nested fields in format specs are not supported")
+        if name not in names:
+            names.append(name)
+    if not names:
+        raise UsageError(f"--text-template {template!r} names no column; use {{column}} fields")
+    try:
+        template.format_map(dict.fromkeys(names, ""))  # a format spec str cannot take ({title:d}) fails now
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"--text-template {template!r}: {e}") from None
+    return tuple(names)
+
+
 def default_cache_dir() -> Path:
     """$EMBEDDER_CACHE, else the user's cache folder."""
     import os
@@ -52,8 +148,8 @@ class JobConfig:
     inputs: str  # a file, folder or glob; a local path or a URI (s3://)
     output: str  # a file, or a folder of parts where it ends in '/'; a local path or a URI
     model: str | None = None
-    text_col: str = "text"
-    keep_cols: tuple[str, ...] | str | None = None  # None: every column but the text column; "a,b" as --keep-cols
+    text_col: str | None = None  # None: "text", unless text_template names the columns
+    keep_cols: tuple[str, ...] | str | None = None  # None: every column but the text column(s); "a,b" as --keep-cols
     device: str = "auto"
     export: ExportOptions = ExportOptions()
     max_seq_len: int | None = None  # None: the model's max_seq_length
@@ -70,6 +166,8 @@ class JobConfig:
     resume: bool = False  # insist on resuming committed progress (it is resumed by default anyway)
     restart: bool = False  # discard committed progress
     prometheus_out: Path | None = None
+    text_template: str | None = None  # "{title}\n\n{body}": the text made of several columns
+    output_options: OutputOptions = OutputOptions()  # --truncate-dim, --output-dtype, --calibration, --with-token-counts
 
     def __post_init__(self) -> None:
         # The command line's string forms are parsed here, once for every caller (jobs/, embedder.api).
@@ -83,8 +181,22 @@ class JobConfig:
             raise UsageError(f"--progress must be auto, on or off, got {self.progress}")
         if self.resume and self.restart:
             raise UsageError("--resume and --restart contradict each other; pick one")
-        if not self.text_col:
-            raise UsageError("--text-col must name a column")
+        text = TextSource.of(self.text_col, self.text_template)
+        object.__setattr__(self, "text_col", text.column)
+        kept = [name for name in text.columns if self.keep_cols and name in self.keep_cols]
+        if kept:
+            # The reader hands the window embedder each column once, and the text columns are consumed.
+            raise UsageError(f"--keep-cols names {', '.join(kept)}, which the text is read from; the output cannot "
+                             "carry a text column yet: copy it under another name to keep it")
+        if self.output_options.calibrated and self.output_options.calibration is None and self.shard[1] > 1:
+            # Each shard would calibrate on its own first window: the shards' vectors would not be comparable.
+            raise UsageError(f"--shard with --output-dtype {self.output_options.dtype} needs --calibration FILE, so that "
+                             "every shard quantizes with the same ranges")
+
+    @property
+    def text(self) -> TextSource:
+        """Where each row's text comes from."""
+        return TextSource(self.text_col, self.text_template)
 
 
 def _location(value, flag: str) -> str:

@@ -8,10 +8,12 @@ The metrics JSON is the last line of stdout.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
-from embedder.config import DEFAULT_OPSET, PRECISIONS, ExportOptions, JobConfig
+from embedder.config import DEFAULT_OPSET, PRECISIONS, ExportOptions, JobConfig, OutputOptions
+from embedder.schema import OUTPUT_DTYPES
 from jobs._cli import run_job, setup_logging
 
 
@@ -37,8 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
 def add_model_options(p: argparse.ArgumentParser, threads_default: str = "one per core") -> None:
     """Options shared with jobs.embed_ray: model, columns, device, batching, cache, output handling."""
     p.add_argument("--model", help="local folder or Hugging Face id in the local cache (default: all-MiniLM-L6-v2)")
-    p.add_argument("--text-col", default="text", help="column holding the text (default: text)")
-    p.add_argument("--keep-cols", help="comma-separated columns to carry to the output (default: all but the text column; '' for none)")
+    p.add_argument("--text-col", help="column holding the text (default: text)")
+    p.add_argument("--text-template", help="build each row's text from several columns, as Python's str.format: "
+                   "'{title}\\n\\n{body}'; a null field is empty text, all null gives a null vector (instead of --text-col)")
+    p.add_argument("--keep-cols", help="comma-separated columns to carry to the output (default: all but the text column(s); '' for none)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (auto takes CUDA only if it really loads)")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="graph precision: fp32 (default), int8 (CPU only) or fp16 (CUDA only)")
     p.add_argument("--pooling", help="override the model's pooling (cls, mean, max, ..., or pooler: the model's pooler_output)")
@@ -47,6 +51,15 @@ def add_model_options(p: argparse.ArgumentParser, threads_default: str = "one pe
     p.add_argument("--max-batch-size", type=int, default=256, help="most rows in one batch (default 256)")
     p.add_argument("--window-rows", type=int, default=20000, help="rows read, sorted by length and embedded together; bounds memory (default 20000)")
     p.add_argument("--prompt", help="prefix for every text, or the name of a prompt in the model's config (default: the model's default prompt, if any)")
+    p.add_argument("--truncate-dim", type=int, help="keep the first D dimensions of each vector, L2-normalized again "
+                   "(Matryoshka models; default: the model's truncate_dim, if its config has one)")
+    p.add_argument("--output-dtype", default="float32", help=f"how vectors are stored: {', '.join(OUTPUT_DTYPES)} "
+                   "(int8/uint8: per-dimension ranges from the first window or --calibration, stored in the metadata; "
+                   "binary/ubinary: 8 dimensions per byte) (default float32)")
+    p.add_argument("--calibration", help="int8/uint8 ranges from this Parquet file's float vectors ('embedding' column) "
+                   "instead of the first window")
+    p.add_argument("--with-token-counts", action="store_true", help="add 'tokens' (int32: tokens fed to the model) and "
+                   "'truncated' (bool) columns before 'embedding'")
     p.add_argument("--cache-dir", type=Path, help="graph cache (default: $EMBEDDER_CACHE or ~/.cache/embedder)")
     p.add_argument("--threads", type=int, help=f"onnxruntime intra-op threads (default: {threads_default})")
     p.add_argument("--metrics-out", type=Path, help="also write the metrics JSON to this file")
@@ -68,6 +81,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         output=args.out,
         model=args.model,
         text_col=args.text_col,
+        text_template=_unescape(args.text_template),
         keep_cols=args.keep_cols,
         device=args.device,
         export=ExportOptions(pooling=args.pooling, precision=args.precision, opset=DEFAULT_OPSET),
@@ -85,7 +99,16 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         resume=args.resume,
         restart=args.restart,
         prometheus_out=args.prometheus_out,
+        output_options=OutputOptions(truncate_dim=args.truncate_dim, dtype=args.output_dtype, calibration=args.calibration,
+                             token_counts=args.with_token_counts),
     )
+
+
+def _unescape(template: str | None) -> str | None:
+    """A shell passes '\\n' as two characters: --text-template reads \\n, \\t and \\\\ as a newline, a tab and a backslash."""
+    if template is None:
+        return None
+    return re.sub(r"\\(n|t|\\)", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], template)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -320,3 +320,20 @@ def test_a_folder_out_is_refused_if_it_exists_and_replaced_with_overwrite(job_ar
     (tmp_path / "file.parquet").write_bytes(b"x")
     as_folder = run_job([*job_args, "--out", f"{tmp_path / 'file.parquet'}/", "--overwrite"])
     assert as_folder.returncode == 2 and "drop the trailing '/'" in as_folder.stderr
+
+
+@pytest.mark.parametrize("skip", [0, 50, 99, 100, 250, 300, 349, 350, 499, 500])
+def test_skipping_committed_rows_reads_exactly_the_rest(skip, tmp_path):
+    """A resumed run skips the committed rows: whole leading row groups unread, then the rest of a row group
+    sliced, whatever the row groups' sizes (here 100, 100, 50 in each of two files) and the files' edges."""
+    from embedder.io.parquet import iter_record_batches, open_inputs
+
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    for index, start in enumerate((0, 250)):
+        ids = list(range(start, start + 250))
+        pq.write_table(pa.table({"id": ids, "text": [f"row {i}" for i in ids]}), folder / f"part-{index}.parquet",
+                       row_group_size=100)
+    inputs = open_inputs(str(folder), "text", None)
+    read = [i for batch in iter_record_batches(inputs, 64, skip_rows=skip) for i in batch.column("id").to_pylist()]
+    assert read == list(range(skip, 500))

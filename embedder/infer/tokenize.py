@@ -20,11 +20,16 @@ class TokenizedWindow:
 
     ids: np.ndarray  # int64, all rows' tokens back to back
     offsets: np.ndarray  # int64, row i is ids[offsets[i]:offsets[i+1]]
-    truncated: int  # rows cut at max_seq_length
+    cut: np.ndarray  # bool per row: the row was cut at max_seq_length
 
     @property
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
+
+    @property
+    def truncated(self) -> int:
+        """Rows cut at max_seq_length."""
+        return int(self.cut.sum())
 
 
 class TextTokenizer:
@@ -50,8 +55,8 @@ class TextTokenizer:
         ids = np.fromiter(
             (i for e in encodings for i in e.ids), dtype=np.int64, count=int(offsets[-1])
         )
-        truncated = sum(1 for e in encodings if e.overflowing)
-        return TokenizedWindow(ids, offsets, truncated)
+        cut = np.fromiter((bool(e.overflowing) for e in encodings), dtype=bool, count=len(encodings))
+        return TokenizedWindow(ids, offsets, cut)
 
 
 def resolve_prompt(prompt: str | None, prompts: dict[str, str], default_prompt_name: str | None) -> str:

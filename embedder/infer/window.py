@@ -11,13 +11,16 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pyarrow as pa
 
+from embedder.config import TextSource
 from embedder.errors import UnsupportedModelError, UsageError
 from embedder.infer.batching import pad_batch, plan_batches
 from embedder.infer.session import Encoder, create_encoder
+from embedder.infer.texts import window_texts
 from embedder.infer.tokenize import TextTokenizer, TokenizedWindow, resolve_prompt
+from embedder.infer.vectors import FIRST_WINDOW, VectorFormat
 from embedder.manifest import Artifact
 from embedder.metrics import Metrics
-from embedder.schema import EMBEDDING_COLUMN, embedding_array
+from embedder.schema import EMBEDDING_COLUMN, TOKENS_COLUMN, TRUNCATED_COLUMN, embedding_array, token_count_arrays
 
 
 @dataclass(frozen=True)
@@ -38,14 +41,22 @@ class PreparedWindow:
 
 
 class WindowEmbedder:
-    """Embeds a table's text column in place of the column, rows in the table's order."""
+    """Embeds a table's text column(s) in place of the columns, rows in the table's order.
+
+    Every front door (jobs.embed, the Ray actors, embedder.api) makes its output here: texts from the column or
+    template, token counts, and vectors truncated, renormalized and quantized by vector_format. An int8/uint8
+    format without ranges takes them from the first window this embedder runs (vector_format then holds them).
+    """
 
     def __init__(self, artifact: Artifact, device: str = "auto", threads: int | None = None,
                  max_seq_len: int | None = None, prompt: str | None = None,
-                 batching: BatchingOptions = BatchingOptions(), tokenizer: TextTokenizer | None = None):
+                 batching: BatchingOptions = BatchingOptions(), tokenizer: TextTokenizer | None = None,
+                 vector_format: VectorFormat | None = None, token_counts: bool = False):
         # tokenizer: one already made by make_tokenizer for these max_seq_len and prompt (the run loop's).
         self.tokenizer = tokenizer or make_tokenizer(artifact, max_seq_len, prompt)
         self.encoder: Encoder = create_encoder(artifact.graphs, device, threads, artifact.precision)
+        self.vector_format = vector_format or VectorFormat(self.encoder.dim)
+        self.token_counts = token_counts
         self.pad_id = artifact.manifest.pad_token_id
         if batching.max_tokens is None:
             batching = replace(batching, max_tokens=self.encoder.kind.default_max_tokens)
@@ -54,30 +65,42 @@ class WindowEmbedder:
             length = self.tokenizer.max_seq_length
             self.encoder.warm_up(max(1, min(batching.max_batch_size, batching.max_tokens // length)), length)
 
-    def embed(self, window: pa.Table, text_col: str, metrics: Metrics, stop=None) -> pa.Table:
-        """The window's other columns plus `embedding`; a null text gives a null vector.
+    def embed(self, window: pa.Table, text: TextSource | str, metrics: Metrics, stop=None) -> pa.Table:
+        """The window's other columns plus `embedding` (after `tokens` and `truncated` if asked); a null text gives
+        a null vector.
 
         stop, if given, is called after every batch and may raise to abandon the window.
         """
-        return self.run(self.prepare(window, text_col, metrics), metrics, stop)
+        return self.run(self.prepare(window, text, metrics), metrics, stop)
 
-    def prepare(self, window: pa.Table, text_col: str, metrics: Metrics) -> PreparedWindow:
+    def prepare(self, window: pa.Table, text: TextSource | str, metrics: Metrics) -> PreparedWindow:
         """Tokenize a window (safe to run in another thread while the previous window infers)."""
-        text = window.column(text_col)
-        valid = text.is_valid().to_numpy(zero_copy_only=False)
+        text = TextSource(text) if isinstance(text, str) else text
         with metrics.stage("tokenize"):
-            tokens = self.tokenizer.encode(text.drop_null().to_pylist())
-        return PreparedWindow(window.drop_columns([text_col]), valid, tokens)
+            valid, texts = window_texts(window, text)
+            tokens = self.tokenizer.encode(texts)
+        return PreparedWindow(window.drop_columns(list(text.columns)), valid, tokens)
 
     def run(self, prepared: PreparedWindow, metrics: Metrics, stop=None) -> pa.Table:
-        """Infer a tokenized window; vectors go back to the rows' order."""
+        """Infer a tokenized window; vectors, stored as vector_format says, go back to the rows' order."""
         carried, valid, tokens = prepared.carried, prepared.valid, prepared.tokens
-        vectors = self.vectors(tokens, metrics, stop)
+        vectors = self.stored_vectors(tokens, metrics, stop)
         metrics.windows += 1
         metrics.rows += carried.num_rows
         metrics.null_rows += int((~valid).sum())
         metrics.truncated_rows += tokens.truncated
+        if self.token_counts:
+            counts, cut = token_count_arrays(tokens.lengths, tokens.cut, valid)
+            carried = carried.append_column(TOKENS_COLUMN, counts).append_column(TRUNCATED_COLUMN, cut)
         return carried.append_column(EMBEDDING_COLUMN, embedding_array(vectors, valid))
+
+    def stored_vectors(self, tokens: TokenizedWindow, metrics: Metrics, stop=None) -> np.ndarray:
+        """vectors(), then truncated, renormalized and in the output dtype; the first call of an int8/uint8 format
+        without ranges calibrates them on these rows."""
+        vectors = self.vectors(tokens, metrics, stop)
+        if self.vector_format.needs_ranges:
+            self.vector_format = self.vector_format.calibrated(vectors, FIRST_WINDOW)
+        return self.vector_format.store(vectors)
 
     def vectors(self, tokens: TokenizedWindow, metrics: Metrics, stop=None) -> np.ndarray:
         """One vector per tokenized row, in the rows' order, from length-sorted token-budget batches.

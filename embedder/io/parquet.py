@@ -72,7 +72,7 @@ class InputSet:
     """Validated input: the row groups to read, in order, and the schema of the carried columns."""
 
     units: tuple[Unit, ...]
-    text_col: str
+    text_cols: tuple[str, ...]  # the text column, or the columns a --text-template names
     keep_schema: pa.Schema
     store: Store
     versions: dict[str, str]  # each file's version (size and mtime, or ETag) when it was checked
@@ -101,11 +101,12 @@ class InputSet:
             if (start * count // total if total else 0) == index:
                 chosen.append(unit)
             start += unit.rows
-        return InputSet(tuple(chosen), self.text_col, self.keep_schema, self.store, self.versions)
+        return InputSet(tuple(chosen), self.text_cols, self.keep_schema, self.store, self.versions)
 
 
-def open_inputs(spec: str, text_col: str, keep_cols: list[str] | None) -> InputSet:
+def open_inputs(spec: str, text_cols: str | tuple[str, ...], keep_cols: list[str] | None) -> InputSet:
     """Check every file's footer and schema before any work: bad input fails in the first second."""
+    text_cols = (text_cols,) if isinstance(text_cols, str) else tuple(text_cols)
     store, entries = resolve_inputs(spec)
     files = [store.uri(e.path) for e in entries]
     keep_schema: pa.Schema | None = None
@@ -117,16 +118,20 @@ def open_inputs(spec: str, text_col: str, keep_cols: list[str] | None) -> InputS
             schema = meta.schema.to_arrow_schema()
         except (pa.ArrowInvalid, OSError) as e:
             raise InputError(f"{path} is not a readable Parquet file: {first_line(e)}") from e
-        if text_col not in schema.names:
-            raise InputError(f"{path}: column '{text_col}' not found; columns are: {', '.join(schema.names)}")
-        text_type = schema.field(text_col).type
-        if not is_text_type(text_type):
-            raise InputError(
-                f"{path}: column '{text_col}' is {text_type}, not a string or binary (UTF-8) column; "
-                "choose one with --text-col"
-            )
+        missing = [n for n in text_cols if n not in schema.names]
+        if missing:
+            names = ", ".join(f"'{n}'" for n in missing)
+            raise InputError(f"{path}: column{'s' if len(missing) > 1 else ''} {names} not found; columns are: "
+                             f"{', '.join(schema.names)}")
+        for text_col in text_cols:
+            text_type = schema.field(text_col).type
+            if not is_text_type(text_type):
+                raise InputError(
+                    f"{path}: column '{text_col}' is {text_type}, not a string or binary (UTF-8) column; "
+                    "choose one with --text-col"
+                )
         if keep_schema is None:
-            names = [n for n in schema.names if n != text_col] if keep_cols is None else keep_cols
+            names = [n for n in schema.names if n not in text_cols] if keep_cols is None else keep_cols
             missing = [n for n in names if n not in schema.names]
             if missing:
                 raise InputError(f"{path}: --keep-cols {', '.join(missing)} not found; columns are: {', '.join(schema.names)}")
@@ -138,13 +143,13 @@ def open_inputs(spec: str, text_col: str, keep_cols: list[str] | None) -> InputS
             if missing:
                 raise InputError(f"{path}: columns {', '.join(missing)} are missing (present in {files[0]})")
             keep_schema = _widen(keep_schema, schema)
-            extra = [n for n in schema.names if n != text_col and n not in keep_schema.names]
+            extra = [n for n in schema.names if n not in text_cols and n not in keep_schema.names]
             if extra and keep_cols is None:
                 logger.warning("%s: columns %s are not in %s and are not carried to the output (name the columns "
                                "with --keep-cols to silence this)", path, ", ".join(extra), files[0])
         units += [Unit(entry.path, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups)]
     assert keep_schema is not None
-    return InputSet(tuple(units), text_col, keep_schema, store, {e.path: e.version for e in entries})
+    return InputSet(tuple(units), text_cols, keep_schema, store, {e.path: e.version for e in entries})
 
 
 def _widen(keep_schema: pa.Schema, schema: pa.Schema) -> pa.Schema:
@@ -165,18 +170,18 @@ def _widen(keep_schema: pa.Schema, schema: pa.Schema) -> pa.Schema:
 
 
 def iter_record_batches(inputs: InputSet, batch_rows: int, skip_rows: int = 0) -> Iterator[pa.RecordBatch]:
-    """Record batches of the carried columns plus the text column (as plain strings), in order.
+    """Record batches of the carried columns plus the text column(s) (as plain strings), in order.
 
     skip_rows rows are skipped without reading the row groups that hold only skipped rows.
     """
-    columns = [*inputs.keep_cols, inputs.text_col]
-    target = inputs.keep_schema.append(pa.field(inputs.text_col, pa.large_string()))
+    columns = [*inputs.keep_cols, *inputs.text_cols]
+    target = pa.schema([*inputs.keep_schema, *(pa.field(c, pa.large_string()) for c in inputs.text_cols)])
     for file in inputs.files:
         path = inputs.store.uri(file)
         units = [u for u in inputs.units if u.file == file]
         groups = []
         for unit in units:
-            if skip_rows >= unit.rows:
+            if not groups and skip_rows >= unit.rows:  # only leading row groups: the rest are read, then sliced
                 skip_rows -= unit.rows
             else:
                 groups.append(unit.row_group)
@@ -199,7 +204,8 @@ def iter_record_batches(inputs: InputSet, batch_rows: int, skip_rows: int = 0) -
                     if not batch.num_rows:
                         continue
                 first = file_row - batch.num_rows
-                check_utf8(batch.column(inputs.text_col), inputs.text_col, lambda row: str(first + row), f"{path}: ")
+                for text_col in inputs.text_cols:
+                    check_utf8(batch.column(text_col), text_col, lambda row: str(first + row), f"{path}: ")
                 if batch.schema != target:
                     batch = _conform(batch, target, path)
                 yield batch

@@ -162,6 +162,11 @@ class WorkFolder:
             self.store.delete(self._part(index))
             index += 1
 
+    def part_schema(self, index: int) -> pa.Schema:
+        """The schema, metadata included, that committed part `index` was written with."""
+        with self.store.open_input(self._part(index)) as source:
+            return pq.read_schema(source)
+
     def commit(self, index: int, table: pa.Table) -> None:
         """Write one window's rows; it counts as committed only once it appears whole."""
         self._check()  # a lost lease: another job owns OUT now

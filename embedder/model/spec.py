@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,6 +89,11 @@ class ModelSpec:
     prompts: dict[str, str] = field(default_factory=dict)
     default_prompt_name: str | None = None
     sentence_transformers_config: bool = True
+    # Matryoshka: the dimensions the model was trained to be cut to (MatryoshkaLoss's matryoshka_dims, in the
+    # model card sentence-transformers writes), and the truncate_dim of config_sentence_transformers.json
+    # (sentence-transformers cuts every vector to it by default).
+    matryoshka_dims: tuple[int, ...] = ()
+    truncate_dim: int | None = None
 
     @property
     def dim(self) -> int:
@@ -294,6 +300,8 @@ def load_spec(model: str | None, pooling: tuple[Pooling, ...] | None = None) -> 
         prompts=dict(st_config.get("prompts") or {}),
         default_prompt_name=st_config.get("default_prompt_name") or None,
         sentence_transformers_config=modules_file.is_file(),
+        matryoshka_dims=_matryoshka_dims(root / "README.md"),
+        truncate_dim=int(st_config["truncate_dim"]) if st_config.get("truncate_dim") else None,
     )
     if not include_prompt and spec.default_prompt_name:
         # sentence-transformers would prepend the default prompt and leave its tokens out of the
@@ -303,6 +311,21 @@ def load_spec(model: str | None, pooling: tuple[Pooling, ...] | None = None) -> 
             f"'{spec.default_prompt_name}'; the exported graph cannot reproduce that"
         )
     return spec.with_pooling(pooling) if pooling else spec
+
+
+# sentence-transformers' model card prints each training loss's get_config_dict() as JSON; MatryoshkaLoss's
+# holds "matryoshka_dims": [768, 512, ...] (Matryoshka2dLoss's too).
+_MATRYOSHKA_DIMS = re.compile(r'"matryoshka_dims"\s*:\s*\[([0-9,\s]*)\]')
+
+
+def _matryoshka_dims(card: Path) -> tuple[int, ...]:
+    """The dimensions a model card's Matryoshka losses trained for, largest first; () where it names none."""
+    try:
+        text = card.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ()
+    dims = {int(d) for found in _MATRYOSHKA_DIMS.findall(text) for d in found.split(",") if d.strip()}
+    return tuple(sorted(dims, reverse=True))
 
 
 def _model_files(root: Path) -> list[Path]:

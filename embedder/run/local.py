@@ -6,19 +6,21 @@ stopped; OUT appears only when every window is in.
 
 from __future__ import annotations
 
+import json
 import logging
 
 import embedder.hooks as hooks
 from embedder.config import JobConfig
 from embedder.infer.devices import candidates
+from embedder.infer.vectors import ranges_from_metadata
 from embedder.infer.window import BatchingOptions, WindowEmbedder
 from embedder.io.parquet import InputSet, iter_record_batches
 from embedder.io.workfolder import WorkFolder
 from embedder.metrics import Metrics
-from embedder.run.loop import embedded_windows, file_metadata, finish, set_up
+from embedder.run.loop import embedded_windows, file_metadata, file_schema, finish, set_up
 from embedder.run.report import Progress
 from embedder.run.signals import stop_on_signals
-from embedder.schema import output_schema
+from embedder.schema import METADATA_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +33,8 @@ def run(config: JobConfig) -> dict:
     setup = set_up(config, metrics)
     with metrics.stage("model"):
         embedder = WindowEmbedder(setup.artifact, config.device, config.threads, config.max_seq_len, config.prompt,
-                                  BatchingOptions(config.max_tokens, config.max_batch_size), setup.tokenizer)
+                                  BatchingOptions(config.max_tokens, config.max_batch_size), setup.tokenizer,
+                                  setup.vector_format, config.output_options.token_counts)
     encoder, inputs = embedder.encoder, setup.inputs
     metrics.provider, metrics.device = encoder.provider, encoder.device
     metrics.batching = {"window_rows": config.window_rows, "max_tokens": embedder.batching.max_tokens,
@@ -40,7 +43,10 @@ def run(config: JobConfig) -> dict:
                 embedder.tokenizer.max_seq_length, encoder.device)
 
     metadata = file_metadata(setup, encoder.graph)  # the graph that runs here: CPU and CUDA have their own
-    schema = output_schema(inputs.keep_schema, setup.artifact.manifest.dim, metadata)
+
+    def schema():  # int8/uint8 without --calibration: the metadata gets the ranges once the first window is in
+        return file_schema(setup, encoder.graph, embedder.vector_format)
+
     work = WorkFolder(config.output)
     with work.locked(take_over=config.restart), stop_on_signals() as stop:
         def window_size(index: int) -> int:  # what committed part `index` must hold
@@ -48,6 +54,11 @@ def run(config: JobConfig) -> dict:
 
         done = work.prepare(fingerprint(config, inputs, metadata, embedder.batching), config.restart, config.resume,
                             window_size)
+        if done and embedder.vector_format.needs_ranges:
+            # The ranges the first window gave, which committed part 0 records: the resumed windows use the same.
+            committed = json.loads(work.part_schema(0).metadata[METADATA_KEY])
+            embedder.vector_format = embedder.vector_format.with_ranges(ranges_from_metadata(committed),
+                                                                        committed["calibration"])
         skip = min(done * config.window_rows, inputs.total_rows)
         metrics.resumed_rows = skip
         progress = Progress(inputs.total_rows, config.progress, initial=skip)
@@ -59,7 +70,7 @@ def run(config: JobConfig) -> dict:
 
         try:
             batches = iter_record_batches(inputs, min(config.window_rows, 65536), skip_rows=skip)
-            for table in embedded_windows(embedder, batches, inputs.text_col, config.window_rows, schema, metrics,
+            for table in embedded_windows(embedder, batches, config.text, config.window_rows, schema, metrics,
                                           after_batch):
                 with metrics.stage("write"):
                     work.commit(windows, table)
@@ -70,7 +81,7 @@ def run(config: JobConfig) -> dict:
         finally:
             progress.close()
         with metrics.stage("write"):
-            metrics.output_rows = work.publish(schema, config.overwrite, windows)
+            metrics.output_rows = work.publish(schema(), config.overwrite, windows)
     work.remove()
     return finish(config, metrics.to_dict())
 
@@ -78,11 +89,11 @@ def run(config: JobConfig) -> dict:
 def fingerprint(config: JobConfig, inputs: InputSet, metadata: dict, batching: BatchingOptions) -> dict:
     """What committed progress belongs to; a rerun resumes only if all of it is the same."""
     uri = inputs.store.uri
-    return {
+    result = {
         # Versions: size and mtime on disk, ETags in a bucket; an input rewritten after a crash is refused.
         "inputs": {uri(path): inputs.versions[path] for path in inputs.files},
         "row_groups": [[uri(u.file), u.row_group] for u in inputs.units],
-        "columns": [config.text_col, *inputs.keep_cols],
+        "columns": [*inputs.text_cols, *inputs.keep_cols],
         "model": metadata["model_hash"],
         "graph": metadata["graph_sha256"],
         "max_seq_length": metadata["max_seq_length"],
@@ -91,3 +102,13 @@ def fingerprint(config: JobConfig, inputs: InputSet, metadata: dict, batching: B
         # Batching shapes the floating-point sums: keep it equal so a resumed run is bit-identical.
         "batching": [config.window_rows, batching.max_tokens, batching.max_batch_size],
     }
+    # Added only where they differ from the defaults, so that progress of a run from before they existed still
+    # resumes. Ranges calibrated on the first window are not known yet: committed part 0 records them.
+    if metadata["text_template"] is not None:
+        result["text_template"] = metadata["text_template"]
+    output = {key: metadata[key] for key in ("truncate_dim", "output_dtype", "ranges", "calibration")}
+    if output != {"truncate_dim": None, "output_dtype": "float32", "ranges": None, "calibration": None}:
+        result["output"] = output
+    if config.output_options.token_counts:
+        result["token_counts"] = True
+    return result

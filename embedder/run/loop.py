@@ -23,15 +23,19 @@ import pyarrow as pa
 
 from embedder import __version__
 from embedder.build.cache import get_or_export
-from embedder.config import JobConfig, default_cache_dir
+from embedder.config import JobConfig, OutputOptions, TextSource, default_cache_dir
+from embedder.errors import UsageError
 from embedder.infer.tokenize import TextTokenizer
-from embedder.infer.window import WindowEmbedder, make_tokenizer, text_settings
+from embedder.infer.vectors import FIRST_WINDOW, VectorFormat
+from embedder.infer.window import BatchingOptions, WindowEmbedder, make_tokenizer, text_settings
 from embedder.io.atomic import write_json_atomic
-from embedder.io.parquet import InputSet, open_inputs
+from embedder.io.calibration import read_calibration
+from embedder.io.parquet import InputSet, iter_record_batches, open_inputs
 from embedder.io.workfolder import check_output
 from embedder.manifest import Artifact
 from embedder.metrics import Metrics, summary_line
 from embedder.model.spec import ModelSpec, load_spec
+from embedder.schema import output_schema
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +49,7 @@ class Setup:
     spec: ModelSpec
     artifact: Artifact
     tokenizer: TextTokenizer  # --max-seq-len and --prompt applied and checked against the model
+    vector_format: VectorFormat  # --truncate-dim and --output-dtype checked against the model; --calibration's ranges
 
 
 def set_up(config: JobConfig, metrics: Metrics, folder_output: bool = False,
@@ -57,7 +62,11 @@ def set_up(config: JobConfig, metrics: Metrics, folder_output: bool = False,
     check_output(config.output + ("/" if folder_output and not config.output.endswith("/") else ""),
                  config.overwrite)
     keep = list(config.keep_cols) if config.keep_cols is not None else None
-    inputs = open_inputs(config.inputs, config.text_col, keep).shard(*config.shard)
+    inputs = open_inputs(config.inputs, config.text.columns, keep).shard(*config.shard)
+    clash = [name for name in config.output_options.columns if name in inputs.keep_cols]
+    if clash:
+        raise UsageError(f"input already has column{'s' if len(clash) > 1 else ''} {', '.join(clash)}, which the "
+                         "output adds; leave it out with --keep-cols")
     logger.info("input: %d files, %d row groups, %d rows (shard %d/%d)", len(inputs.files), len(inputs.units),
                 inputs.total_rows, *config.shard)
     before_model()
@@ -65,40 +74,86 @@ def set_up(config: JobConfig, metrics: Metrics, folder_output: bool = False,
         spec = load_spec(config.model, config.export.pooling)
         text_settings(config.max_seq_len, config.prompt, spec.max_seq_length, spec.prompts, spec.default_prompt_name,
                       spec.include_prompt)  # a bad --max-seq-len or --prompt costs no export
+        vector_format = checked_vector_format(spec, config.output_options)  # nor does a bad --truncate-dim
         artifact = get_or_export(spec, config.export, config.cache_dir or default_cache_dir())
         tokenizer = make_tokenizer(artifact, config.max_seq_len, config.prompt)
     metrics.cache_hit = artifact.hit
-    return Setup(config, inputs, spec, artifact, tokenizer)
+    return Setup(config, inputs, spec, artifact, tokenizer, vector_format)
 
 
-def file_metadata(setup: Setup, graph: Path) -> dict:
+def checked_vector_format(spec: ModelSpec, options: OutputOptions) -> VectorFormat:
+    """--truncate-dim and --output-dtype checked against the model, with --calibration's ranges if given."""
+    vector_format = VectorFormat.for_model(spec, options)
+    if options.calibration is not None:
+        vector_format = vector_format.calibrated(*read_calibration(options.calibration))
+    return vector_format
+
+
+def file_schema(setup: Setup, graph: Path, vector_format: VectorFormat) -> pa.Schema:
+    """The output files' schema: carried columns, token counts if asked, embedding; file_metadata's facts."""
+    return output_schema(setup.inputs.keep_schema, vector_format.dim, file_metadata(setup, graph, vector_format),
+                         vector_format.dtype, setup.config.output_options.token_counts)
+
+
+def file_metadata(setup: Setup, graph: Path, vector_format: VectorFormat | None = None) -> dict:
     """What the output file records about how its vectors were made; graph is the file that ran."""
     manifest = setup.artifact.manifest
+    text = setup.config.text
     return {
         "model": manifest.model,
         "model_hash": manifest.model_hash,
         "pooling": list(manifest.pooling),
         "dense": [dict(layer) for layer in manifest.dense],
         "normalize": manifest.normalize,
-        "dim": manifest.dim,
         "max_seq_length": setup.tokenizer.max_seq_length,
         "prompt": setup.tokenizer.prompt,
         "precision": manifest.precision,
         "graph_sha256": manifest.files[graph.name],  # the graph that ran: CPU and CUDA have their own
         "embedder_version": __version__,
+        "text_column": text.column,
+        "text_template": text.template,
+        # dim (the stored vectors' dimensions), model_dim, truncate_dim, output_dtype, ranges, calibration
+        **(vector_format or setup.vector_format).metadata(),
     }
 
 
-def embedded_windows(embedder: WindowEmbedder, batches: Iterable[pa.RecordBatch], text_col: str, window_rows: int,
-                     schema: pa.Schema, metrics: Metrics, after_batch: Callable[[], None] | None = None
-                     ) -> Iterator[pa.Table]:
+def calibrate_first_window(setup: Setup, vector_format: VectorFormat, metrics: Metrics) -> VectorFormat:
+    """int8/uint8 ranges from the first window's vectors, embedded here on the CPU with the job's batching: what
+    the local driver calibrates on as it embeds that window (the Ray driver, whose actors embed the blocks
+    independently, must know the ranges before it hands any out). The format as it is when it has ranges, or
+    when there is no row."""
+    config = setup.config
+    if not vector_format.needs_ranges or not setup.inputs.total_rows:
+        return vector_format
+    if "cpu" not in setup.artifact.graphs:
+        raise UsageError(f"--output-dtype {vector_format.dtype} calibrates on the first window on the CPU, which "
+                         f"cannot run the {setup.artifact.precision} graph; pass --calibration FILE")
+    with metrics.stage("model"):
+        embedder = WindowEmbedder(setup.artifact, "cpu", config.threads, config.max_seq_len, config.prompt,
+                                  BatchingOptions(config.max_tokens, config.max_batch_size), setup.tokenizer,
+                                  vector_format)
+    scratch = Metrics()  # this window is embedded again by the actors: its counters are theirs
+    batches = iter_record_batches(setup.inputs, min(config.window_rows, 65536))
+    window = next(windows(batches, config.window_rows, scratch))
+    with metrics.stage("infer"):
+        embedder.run(embedder.prepare(window, config.text, scratch), scratch)
+    logger.info("--output-dtype %s: ranges calibrated on %s", vector_format.dtype, FIRST_WINDOW)
+    return embedder.vector_format
+
+
+def embedded_windows(embedder: WindowEmbedder, batches: Iterable[pa.RecordBatch], text: TextSource | str,
+                     window_rows: int, schema: pa.Schema | Callable[[], pa.Schema], metrics: Metrics,
+                     after_batch: Callable[[], None] | None = None) -> Iterator[pa.Table]:
     """Each window of window_rows rows embedded, in input order, as a table in the output schema.
 
-    after_batch, if given, is called after every batch (signals, test hooks) and may raise to stop.
+    schema may be a callable, asked after each window is embedded: the metadata of an int8/uint8 run holds the
+    ranges the first window calibrates. after_batch, if given, is called after every batch (signals, test hooks)
+    and may raise to stop.
     """
-    tokenized = (embedder.prepare(window, text_col, metrics) for window in windows(batches, window_rows, metrics))
+    tokenized = (embedder.prepare(window, text, metrics) for window in windows(batches, window_rows, metrics))
     for prepared in prefetch(tokenized):
-        yield embedder.run(prepared, metrics, after_batch).cast(schema)
+        table = embedder.run(prepared, metrics, after_batch)
+        yield table.cast(schema() if callable(schema) else schema)
 
 
 def finish(config: JobConfig, result: dict) -> dict:

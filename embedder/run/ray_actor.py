@@ -26,7 +26,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import embedder.hooks as hooks
+from embedder.config import TextSource
 from embedder.errors import EmbedderError, ExportError, OutputError
+from embedder.infer.vectors import VectorFormat
 from embedder.infer.window import BatchingOptions, WindowEmbedder
 from embedder.io.parquet import check_utf8
 from embedder.io.store import locate
@@ -51,7 +53,7 @@ class GraphSource:
 class WorkerOptions:
     """What each actor needs besides the graph; built once by the driver."""
 
-    text_col: str
+    text: TextSource
     output_schema: pa.Schema
     staging: str  # folder (a local path or a URI) the part files are written to; published as OUT by the driver
     device: str
@@ -60,6 +62,8 @@ class WorkerOptions:
     prompt: str | None
     batching: BatchingOptions
     window_rows: int
+    vector_format: VectorFormat  # with its int8/uint8 ranges: the driver calibrates them
+    token_counts: bool = False
 
 
 def _verified(folder: Path, manifest: Manifest) -> bool:
@@ -119,7 +123,8 @@ class EmbedActor:
         self.store, self.staging = locate(options.staging)
         artifact = materialize_graph(graph)
         self.embedder = WindowEmbedder(artifact, options.device, options.threads, options.max_seq_len,
-                                       options.prompt, options.batching)
+                                       options.prompt, options.batching, vector_format=options.vector_format,
+                                       token_counts=options.token_counts)
         context = ray.get_runtime_context()
         self.worker = context.get_actor_id() or f"pid-{os.getpid()}"
         self.node = context.get_node_id()
@@ -128,15 +133,16 @@ class EmbedActor:
     def __call__(self, block: pa.Table) -> pa.Table:
         started = time.perf_counter()
         metrics = Metrics()
-        text_col = self.options.text_col
-        _check_utf8(block, text_col)
+        text = self.options.text
+        for text_col in text.columns:
+            _check_utf8(block, text_col, text.columns)
         name = f"part-{uuid.uuid4().hex}.parquet"
         path = self.store.join(self.staging, name)
         try:
             with self.store.writer(path) as sink:  # removed (a temporary file, an aborted upload) on an error
                 with pq.ParquetWriter(sink, self.options.output_schema) as writer:
                     # The run loop's own windows, prefetch and batching, on this block's rows.
-                    for table in embedded_windows(self.embedder, block.to_batches(), text_col,
+                    for table in embedded_windows(self.embedder, block.to_batches(), text,
                                                   self.options.window_rows, self.options.output_schema, metrics):
                         hooks.reached("embedded")
                         with metrics.stage("write"):
@@ -171,10 +177,10 @@ class EmbedActor:
         })
 
 
-def _check_utf8(block: pa.Table, text_col: str) -> None:
+def _check_utf8(block: pa.Table, text_col: str, text_cols: tuple[str, ...] = ()) -> None:
     """Parquet readers do not validate string pages: refuse bad UTF-8 as the single-process job does, naming
     the row by its first carried column (an id, usually) since a block's row numbers mean nothing to the user."""
-    carried = [n for n in block.column_names if n != text_col][:1]
+    carried = [n for n in block.column_names if n != text_col and n not in text_cols][:1]
 
     def row_label(index: int) -> str:
         return f"{carried[0]}={block.column(carried[0])[index].as_py()!r}" if carried else f"{index} of a block"

@@ -34,11 +34,10 @@ from embedder.io.store import locate
 from embedder.io.workfolder import part_name, publish_folder, write_part
 from embedder.manifest import Artifact
 from embedder.metrics import Metrics
-from embedder.run.loop import file_metadata, finish, set_up
+from embedder.run.loop import calibrate_first_window, file_schema, finish, set_up
 from embedder.run.ray_actor import EmbedActor, GraphSource, WorkerOptions
 from embedder.run.report import Progress
 from embedder.run.signals import stop_on_signals
-from embedder.schema import output_schema
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +101,9 @@ def run(config: JobConfig, options: RayOptions) -> dict:
     staging = _Staging(config.output, config.overwrite)  # names only: a bad OUT fails before the model
     setup = set_up(config, metrics, folder_output=True, before_model=import_ray)
     inputs = setup.inputs
-    schema = output_schema(inputs.keep_schema, setup.artifact.manifest.dim,
-                           file_metadata(setup, setup.artifact.graphs[kind]))
+    # The actors embed their blocks independently: int8/uint8 ranges are calibrated here, before any block.
+    vector_format = calibrate_first_window(setup, setup.vector_format, metrics)
+    schema = file_schema(setup, setup.artifact.graphs[kind], vector_format)
 
     cluster: dict = {}
     with staging, stop_on_signals(at_once=True, outcome=_NOT_WRITTEN):
@@ -116,10 +116,11 @@ def run(config: JobConfig, options: RayOptions) -> dict:
                            "gpus_per_worker": options.gpus_per_worker, "graph_transfer": transfer,
                            "nodes": len(_alive_nodes(ray)), "ray_version": ray.__version__}
                 worker = WorkerOptions(
-                    text_col=inputs.text_col, output_schema=schema, staging=staging.uri, device=device,
+                    text=config.text, output_schema=schema, staging=staging.uri, device=device,
                     threads=config.threads or max(1, int(options.cpus_per_worker)), max_seq_len=config.max_seq_len,
                     prompt=config.prompt, batching=BatchingOptions(config.max_tokens, config.max_batch_size),
-                    window_rows=config.window_rows,
+                    window_rows=config.window_rows, vector_format=vector_format,
+                    token_counts=config.output_options.token_counts,
                 )
                 source = _graph_source(ray, setup.artifact, kind, transfer)
                 results = _execute(ray, inputs, source, worker, options, config)
@@ -209,10 +210,10 @@ def _execute(ray, inputs: InputSet, graph: GraphSource, worker: WorkerOptions, o
     if saved_raise is not None:
         context.raise_original_map_exception = True  # an actor's InputError reaches the driver as itself
     try:
-        read_schema = inputs.keep_schema.append(pa.field(inputs.text_col, pa.large_string()))
+        read_schema = pa.schema([*inputs.keep_schema, *(pa.field(c, pa.large_string()) for c in inputs.text_cols)])
         # The explicit schema reads every file's text column (string, large_string, dictionary, binary) as
         # large_string and the carried columns as open_inputs widened them; no hive partition columns are added.
-        # Store paths in input order: absolute paths on disk, "bucket/key" for pyarrow's S3 filesystem.
+        # Store paths in input order: absolute paths on disk, "bucket/key" for the store's pyarrow filesystem.
         filesystem = inputs.store.arrow_filesystem()
         dataset = ray.data.read_parquet(list(inputs.files), filesystem=filesystem, schema=read_schema,
                                         partitioning=None, file_extensions=None)
