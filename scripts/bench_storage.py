@@ -148,13 +148,11 @@ def build_tiny_model(root: Path) -> str:
 
 
 def load_moto_server():
-    """tests/s3_server.py's moto_server, imported by path (tests/ is not a package)."""
-    import importlib.util
+    """tests/s3_server.py's moto_server (tests/ is not a package: its folder goes on sys.path, as pytest puts it)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from s3_server import moto_server
 
-    spec = importlib.util.spec_from_file_location("s3_server", ROOT / "tests" / "s3_server.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.moto_server
+    return moto_server
 
 
 def run_case(name: str, job: list[str], logs: Path) -> dict:

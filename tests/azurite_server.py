@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
-import time
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
+
+from servers import free_port, wait_listening
 
 AZURITE_VERSION = "3.35.0"
 ACCOUNT = "devstoreaccount1"
@@ -35,11 +35,6 @@ def _installed() -> Path:
     return binary
 
 
-def _free_port() -> int:
-    with closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def connection_string(port: int, key: str = KEY) -> str:
     return (f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={key};"
@@ -50,22 +45,13 @@ def connection_string(port: int, key: str = KEY) -> str:
 def azurite_server(folder: Path):
     """Start Azurite's blob service with its data in folder; yield the environment a client needs and the port."""
     binary = _installed()
-    port = _free_port()
+    port = free_port()
     log = open(folder / "azurite.log", "w")
     server = subprocess.Popen([str(binary), "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location",
                                str(folder), "--skipApiVersionCheck", "--disableTelemetry"],
                               stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with closing(socket.create_connection(("127.0.0.1", port), timeout=1)):
-                    break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    said = (folder / "azurite.log").read_text()[-2000:]
-                    raise RuntimeError(f"Azurite did not start: {said}") from None
-                time.sleep(0.2)
+        wait_listening(server, port, folder / "azurite.log", "Azurite")
         yield {"AZURE_STORAGE_CONNECTION_STRING": connection_string(port)}, port
     finally:
         server.terminate()

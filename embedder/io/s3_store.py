@@ -169,12 +169,6 @@ class S3Store(ObjectStore):
             raise
         upload.complete(overwrite)
 
-    def move(self, src: str, dst: str, overwrite: bool = True) -> None:
-        if not overwrite and self.entry(dst) is not None:
-            raise OutputExistsError(f"output {self.uri(dst)} appeared while the job ran; not replacing it")
-        self.copy(src, dst)
-        self.delete(src)
-
     def copy(self, src: str, dst: str) -> None:
         with self._explained("CopyObject", dst, OutputError):
             # Server-side; boto3's managed copy switches to a multipart copy above 5 GB (one CopyObject's limit).

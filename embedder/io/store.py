@@ -23,7 +23,7 @@ from typing import BinaryIO
 
 import pyarrow as pa
 
-from embedder.errors import UsageError
+from embedder.errors import OutputExistsError, UsageError
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
@@ -336,6 +336,17 @@ class ObjectStore(Store):
     def glob(self, pattern: str) -> list[FileEntry]:
         matches = glob_regex(pattern).match
         return [e for e in self.list_prefix(self.key(literal_prefix(pattern))) if matches(e.path)]
+
+    def move(self, src: str, dst: str, overwrite: bool = True) -> None:
+        """A bucket has no rename: a server-side copy, then the source deleted."""
+        if not overwrite and self.entry(dst) is not None:
+            raise OutputExistsError(f"output {self.uri(dst)} appeared while the job ran; not replacing it")
+        self.copy(src, dst)
+        self.delete(src)
+
+    def delete_folder(self, path: str) -> None:
+        for entry in self.list_files(path):
+            self.delete(entry.path)
 
     def lock(self, work: str, out_uri: str, take_over: bool):
         from embedder.io.lease import Lease
