@@ -194,51 +194,37 @@ def started(scheme: str, folder: Path):
 
     This process is pointed at the server too (environment and fresh clients) until the block ends.
     """
-    import os
-
     if scheme == "s3":
         from s3_server import moto_server
 
-        with moto_server(folder / "moto.log") as env:
-            saved = {k: os.environ.get(k) for k in env}
-            os.environ.update(env)
-            clear_store_caches()
-            try:
-                yield env, S3Bucket(env)
-            finally:
-                _restore(saved)
-                clear_store_caches()
+        with moto_server(folder / "moto.log") as env, _pointed_at(env):
+            yield env, S3Bucket(env)
     elif scheme == "gs":
         from gcs_server import gcs_server
 
-        with gcs_server(folder) as env:
-            saved = {k: os.environ.get(k) for k in env}
-            os.environ.update(env)
-            clear_store_caches()
-            try:
-                yield env, GCSBucket(env)
-            finally:
-                _restore(saved)
-                clear_store_caches()
+        with gcs_server(folder) as env, _pointed_at(env):
+            yield env, GCSBucket(env)
     else:
         from azurite_server import azurite_server
 
-        with azurite_server(folder) as (env, port):
-            saved = {k: os.environ.get(k) for k in env}
-            os.environ.update(env)
-            clear_store_caches()
-            try:
-                yield env, AzureBucket(env, port)
-            finally:
-                _restore(saved)
-                clear_store_caches()
+        with azurite_server(folder) as (env, port), _pointed_at(env):
+            yield env, AzureBucket(env, port)
 
 
-def _restore(saved: dict) -> None:
+@contextmanager
+def _pointed_at(env: dict):
+    """This process's environment set to env, and the job's cached clients dropped, until the block ends."""
     import os
 
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    clear_store_caches()
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        clear_store_caches()
