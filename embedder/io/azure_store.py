@@ -172,10 +172,6 @@ class AzureStore(ObjectStore):
 
         return pa.PythonFile(RangedReader(fetch, entry.size), mode="r")
 
-    def read_bytes(self, path: str) -> bytes | None:
-        found = self.read_versioned(path)
-        return None if found is None else found[0]
-
     def read_versioned(self, path: str) -> tuple[bytes, str] | None:
         _, _, errors = _sdk()
         with self._explained("GetBlob", path, OutputError):

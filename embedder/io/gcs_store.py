@@ -147,10 +147,6 @@ class GCSStore(ObjectStore):
 
         return pa.PythonFile(RangedReader(fetch, entry.size), mode="r")
 
-    def read_bytes(self, path: str) -> bytes | None:
-        found = self.read_versioned(path)
-        return None if found is None else found[0]
-
     def read_versioned(self, path: str) -> tuple[bytes, str] | None:
         _, exceptions = _sdk()
         with self._explained("GetObject", path, OutputError):

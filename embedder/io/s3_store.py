@@ -144,16 +144,6 @@ class S3Store(ObjectStore):
     def open_input(self, path: str) -> pa.NativeFile:
         return self.fs.open_input_file(path)
 
-    def read_bytes(self, path: str) -> bytes | None:
-        _, botocore, _ = _boto()
-        with self._explained("GetObject", path):
-            try:
-                return self.client.get_object(Bucket=self.bucket, Key=self.key(path))["Body"].read()
-            except botocore.exceptions.ClientError as e:
-                if self._code(e) in _MISSING_KEY:
-                    return None
-                raise
-
     # -- writing ----------------------------------------------------------------------------------------
     def put_bytes(self, path: str, data: bytes) -> None:
         with self._explained("PutObject", path, OutputError):

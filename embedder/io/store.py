@@ -327,6 +327,10 @@ class ObjectStore(Store):
     def check_bucket(self, path: str, missing: type[Exception]) -> None:
         """Raise `missing` naming the bucket if it does not exist, UsageError if access is denied."""
 
+    def read_bytes(self, path: str) -> bytes | None:
+        found = self.read_versioned(path)
+        return None if found is None else found[0]
+
     def is_folder(self, path: str) -> bool:
         return bool(self.list_prefix(self.folder_prefix(path), limit=1))
 
