@@ -16,7 +16,15 @@ import numpy as np
 import pyarrow as pa
 
 from embedder.build.cache import get_or_export
-from embedder.config import ExportOptions, JobConfig, OutputOptions, TextSource, check_embedding_options, default_cache_dir
+from embedder.config import (
+    ExportOptions,
+    JobConfig,
+    OutputOptions,
+    TextSource,
+    check_embedding_options,
+    chunk_options,
+    default_cache_dir,
+)
 from embedder.errors import InputError, UsageError
 from embedder.infer.devices import candidates
 from embedder.infer.window import BatchingOptions, WindowEmbedder, text_settings
@@ -30,6 +38,7 @@ from embedder.schema import output_schema
 logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike
+_ROW = "__embedder_row"  # embed() with chunks: the input row of each chunk, dropped before returning
 
 
 class Embedder:
@@ -55,6 +64,12 @@ class Embedder:
         calibration: int8/uint8 ranges from these float vectors: an array (n, dim), or a Parquet file (path or
             URI) with an `embedding` column. None: from the first window this Embedder embeds (then `ranges`).
         with_token_counts: embed() adds `tokens` and `truncated` columns before `embedding`.
+        chunk: split texts longer than the model takes into chunks at word starts instead of truncating them:
+            embed() gives a row per chunk (with chunk, chunk_start and chunk_end), encode() needs chunk_pooling.
+        chunk_tokens: most tokens per chunk, special tokens and prompt included (None: max_seq_len or the model's).
+        chunk_overlap: most tokens a chunk repeats from the one before, snapped to a word start.
+        chunk_pooling: "mean", "max" or "first": one vector per text from its chunks' (implies chunk).
+        dedup: embed identical texts (or chunks) of a window once and copy the vector.
 
     Raises:
         EmbedderError: a subclass per cause (UsageError, ModelNotFoundError, ExportError, DeviceError, ...),
@@ -66,8 +81,11 @@ class Embedder:
                  prompt: str | None = None, max_tokens: int | None = None, max_batch_size: int = 256,
                  window_rows: int = 20000, threads: int | None = None, cache_dir: PathLike | None = None,
                  truncate_dim: int | None = None, output_dtype: str = "float32",
-                 calibration: np.ndarray | PathLike | None = None, with_token_counts: bool = False):
+                 calibration: np.ndarray | PathLike | None = None, with_token_counts: bool = False,
+                 chunk: bool = False, chunk_tokens: int | None = None, chunk_overlap: int = 0,
+                 chunk_pooling: str | None = None, dedup: bool = True):
         export = ExportOptions(pooling=pooling, precision=precision)
+        chunking = chunk_options(chunk, chunk_tokens, chunk_overlap, chunk_pooling)
         from_file = calibration if isinstance(calibration, (str, os.PathLike)) else None
         options = OutputOptions(truncate_dim, output_dtype, None if from_file is None else os.fspath(from_file),
                                 with_token_counts)
@@ -84,8 +102,9 @@ class Embedder:
             vector_format = vector_format.calibrated(calibration, "the calibration vectors")
         artifact = get_or_export(spec, export, _path(cache_dir) or default_cache_dir())
         self._window_embedder = WindowEmbedder(artifact, device, threads, max_seq_len, prompt,
-                                                BatchingOptions(max_tokens, max_batch_size),
-                                                vector_format=vector_format, token_counts=with_token_counts)
+                                                BatchingOptions(max_tokens, max_batch_size, dedup),
+                                                vector_format=vector_format, token_counts=with_token_counts,
+                                                chunking=chunking)
         self.model = spec.name
         self.window_rows = window_rows
         logger.info("model %s (dim %d, max_seq_length %d) on %s", self.model, self.dim, self.max_seq_length,
@@ -139,6 +158,8 @@ class Embedder:
             TypeError: texts is a single string, or an element is not a str (the message names its index).
         """
         texts = _text_list(texts)
+        if self._window_embedder.chunker is not None and self._window_embedder.chunking.pooling is None:
+            self._window_embedder.text_vectors([], Metrics())  # refuses: a text has a vector per chunk
         vector_format = self._window_embedder.vector_format
         vectors = np.empty((len(texts), vector_format.width), dtype=vector_format.numpy_dtype)
         for start in range(0, len(texts), self.window_rows):
@@ -148,7 +169,9 @@ class Embedder:
 
     def embed(self, table, text_col: str | None = None, *, text_template: str | None = None):
         """The table with an `embedding` column appended (after `tokens` and `truncated` with_token_counts): rows,
-        their order and every other column kept.
+        their order and every other column kept. With chunk (and no chunk_pooling) each row is repeated once per
+        chunk of its text, followed by `chunk`, `chunk_start` and `chunk_end`; with chunk_pooling a `chunks`
+        column comes first.
 
         Args:
             table: a pyarrow.Table or a polars.DataFrame.
@@ -177,14 +200,24 @@ class Embedder:
             quoted = ", ".join(f"'{c}'" for c in missing)
             raise InputError(f"column{'s' if len(missing) > 1 else ''} {quoted} not found; columns are: "
                              f"{', '.join(names)}")
-        added = output_schema(pa.schema([]), self.dim, {}, self.output_dtype, self._window_embedder.token_counts)
+        chunking = self._window_embedder.chunking
+        per_chunk = chunking is not None and chunking.pooling is None
+        added = output_schema(pa.schema([]), self.dim, {}, self.output_dtype, self._window_embedder.token_counts,
+                              None if chunking is None else "rows" if per_chunk else "pooled")
         for name in added.names:
             if name in names:
                 raise UsageError(f"table already has a column '{name}'; drop or rename it first")
         # Only the text columns cross to Arrow; a polars frame keeps its own columns as they are.
         columns = {name: _text_column(table.get_column(name).to_arrow() if is_polars else table.column(name), name)
                    for name in text.columns}
+        if per_chunk:  # which row each chunk comes from, to repeat the caller's rows
+            columns[_ROW] = pa.array(np.arange(len(table), dtype=np.int64))
+            added = pa.schema([pa.field(_ROW, pa.int64()), *added])
         new = self._embed_rows(pa.table(columns), text, added)
+        if per_chunk:
+            rows = new.column(_ROW).to_numpy()
+            table = table[rows] if is_polars else table.take(rows)
+            new = new.drop_columns([_ROW])
         if is_polars:
             import polars as pl
 
@@ -201,8 +234,7 @@ class Embedder:
 
     def _embed_window(self, texts: list[str]) -> np.ndarray:
         """One window's texts: tokenized together, then batched as the job batches a window's non-null rows."""
-        tokens = self._window_embedder.tokenizer.encode(texts)
-        return self._window_embedder.stored_vectors(tokens, Metrics())  # the job's counters; a call here reports none
+        return self._window_embedder.text_vectors(texts, Metrics())  # the job's counters; a call here reports none
 
 
 def embed_parquet(inputs: PathLike, output: PathLike, *, model: str | os.PathLike | None = None,
@@ -214,7 +246,9 @@ def embed_parquet(inputs: PathLike, output: PathLike, *, model: str | os.PathLik
                   progress: str = "off", shard: tuple[int, int] | str = (0, 1), resume: bool = False,
                   restart: bool = False, text_template: str | None = None, truncate_dim: int | None = None,
                   output_dtype: str = "float32", calibration: PathLike | None = None,
-                  with_token_counts: bool = False) -> dict:
+                  with_token_counts: bool = False, chunk: bool = False, chunk_tokens: int | None = None,
+                  chunk_overlap: int = 0, chunk_pooling: str | None = None, dedup: bool = True,
+                  window_mb: float = 16.0) -> dict:
     """Run the batch job of `python -m jobs.embed` in this process and return its metrics.
 
     Each keyword is the command line's flag of that name (README, Commands), with the same defaults except
@@ -255,6 +289,9 @@ def embed_parquet(inputs: PathLike, output: PathLike, *, model: str | os.PathLik
         text_template=text_template,
         output_options=OutputOptions(truncate_dim, output_dtype, None if calibration is None else os.fspath(calibration),
                                      with_token_counts),
+        chunking=chunk_options(chunk, chunk_tokens, chunk_overlap, chunk_pooling),
+        dedup=dedup,
+        window_mb=window_mb,
     )
     return run(config)
 

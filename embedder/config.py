@@ -66,8 +66,41 @@ class OutputOptions:
 
     @property
     def columns(self) -> tuple[str, ...]:
-        """The columns the job adds after the carried ones."""
+        """The columns the job adds after the carried ones (--chunk adds its own: schema.added_columns)."""
         return (TOKENS_COLUMN, TRUNCATED_COLUMN, EMBEDDING_COLUMN) if self.token_counts else (EMBEDDING_COLUMN,)
+
+
+CHUNK_POOLINGS = ("mean", "max", "first")
+
+
+@dataclass(frozen=True)
+class ChunkOptions:
+    """--chunk: texts longer than the model takes are split at word starts instead of truncated."""
+
+    tokens: int | None = None  # most tokens per chunk, special tokens and prompt included; None: max_seq_length
+    overlap: int = 0  # most tokens a chunk repeats from the one before (snapped to a word start)
+    pooling: str | None = None  # None: one row per chunk; mean, max or first: one row per text
+
+    def __post_init__(self) -> None:
+        if self.tokens is not None and (isinstance(self.tokens, bool) or self.tokens < 2):
+            raise UsageError(f"--chunk-tokens must be at least 2, got {self.tokens}")
+        if isinstance(self.overlap, bool) or self.overlap < 0:
+            raise UsageError(f"--chunk-overlap must be 0 or more, got {self.overlap}")
+        if self.pooling is not None and self.pooling not in CHUNK_POOLINGS:
+            raise UsageError(f"--chunk-pooling {self.pooling} is not supported; valid: {', '.join(CHUNK_POOLINGS)}")
+
+    def metadata(self) -> dict:
+        """What the output file's metadata and the resume fingerprint record (tokens as resolved by the caller)."""
+        return {"tokens": self.tokens, "overlap": self.overlap, "pooling": self.pooling}
+
+
+def chunk_options(chunk: bool, tokens: int | None, overlap: int, pooling: str | None) -> ChunkOptions | None:
+    """--chunk and its options as given (--chunk-pooling implies --chunk); its options without it are refused."""
+    if not (chunk or pooling):
+        if tokens is not None or overlap:
+            raise UsageError("--chunk-tokens and --chunk-overlap apply with --chunk")
+        return None
+    return ChunkOptions(tokens, overlap, pooling)
 
 
 @dataclass(frozen=True)
@@ -168,6 +201,9 @@ class JobConfig:
     prometheus_out: Path | None = None
     text_template: str | None = None  # "{title}\n\n{body}": the text made of several columns
     output_options: OutputOptions = OutputOptions()  # --truncate-dim, --output-dtype, --calibration, --with-token-counts
+    chunking: ChunkOptions | None = None  # --chunk; None: texts are truncated at max_seq_length
+    dedup: bool = True  # identical token sequences in a window are embedded once
+    window_mb: float = 16.0  # most megabytes of text per window, whatever window_rows says
 
     def __post_init__(self) -> None:
         # The command line's string forms are parsed here, once for every caller (jobs/, embedder.api).
@@ -177,6 +213,8 @@ class JobConfig:
             object.__setattr__(self, "keep_cols", parse_columns(self.keep_cols))
         object.__setattr__(self, "shard", parse_shard(self.shard))
         check_embedding_options(self.max_seq_len, self.max_tokens, self.max_batch_size, self.window_rows, self.threads)
+        if not self.window_mb > 0:
+            raise UsageError(f"--window-mb must be above 0, got {self.window_mb}")
         if self.progress not in ("auto", "on", "off"):
             raise UsageError(f"--progress must be auto, on or off, got {self.progress}")
         if self.resume and self.restart:

@@ -23,6 +23,10 @@ class Metrics:
     windows: int = 0
     resumed_rows: int = 0  # rows committed by an earlier, interrupted run and not redone
     output_rows: int = 0
+    chunks: int = 0  # --chunk: chunks embedded
+    chunked_rows: int = 0  # --chunk: texts split into more than one chunk
+    cut_in_word: int = 0  # --chunk: boundaries put inside a word that was longer than a chunk
+    deduplicated: int = 0  # rows or chunks whose vector was copied from an identical one in their window
     provider: str = ""
     device: str = ""
     cache_hit: bool | None = None
@@ -53,6 +57,10 @@ class Metrics:
             "windows": self.windows,
             "resumed_rows": self.resumed_rows,
             "output_rows": self.output_rows,
+            "chunks": self.chunks,
+            "chunked_rows": self.chunked_rows,
+            "cut_in_word": self.cut_in_word,
+            "deduplicated": self.deduplicated,
             "wall_seconds": round(wall, 4),
             "stage_seconds": {k: round(v, 4) for k, v in self.stage_seconds.items()},
             "rows_per_second": round(self.rows / wall, 2) if wall > 0 else None,

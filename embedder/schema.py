@@ -1,6 +1,7 @@
 """The output table's shape, shared by the window embedder, the writers and the run loop: carried columns,
-then (with --with-token-counts) `tokens` and `truncated`, then `embedding`, and the run's facts in the file's
-`embedder` metadata.
+then (with --chunk) `chunk`, `chunk_start` and `chunk_end`, or (with --chunk-pooling) `chunks`, then (with
+--with-token-counts) `tokens` and `truncated`, then `embedding`, and the run's facts in the file's `embedder`
+metadata.
 
 `embedding` is a fixed_size_list of the --output-dtype's Arrow type: float32, float16 (halffloat), int8 or
 uint8 holding one value per dimension, or int8 (binary) / uint8 (ubinary) holding 8 dimensions per byte.
@@ -16,7 +17,20 @@ import pyarrow as pa
 EMBEDDING_COLUMN = "embedding"
 TOKENS_COLUMN = "tokens"
 TRUNCATED_COLUMN = "truncated"
+CHUNK_COLUMN = "chunk"
+CHUNK_START_COLUMN = "chunk_start"
+CHUNK_END_COLUMN = "chunk_end"
+CHUNKS_COLUMN = "chunks"
 METADATA_KEY = b"embedder"
+# A committed part's own key: the input rows it holds (with --chunk a part has more rows than it read).
+PART_KEY = b"embedder_part"
+
+# --chunk's columns: one row per chunk, or (--chunk-pooling) one row per text with its number of chunks.
+CHUNK_FIELDS = {
+    "rows": (pa.field(CHUNK_COLUMN, pa.int32()), pa.field(CHUNK_START_COLUMN, pa.int64()),
+             pa.field(CHUNK_END_COLUMN, pa.int64())),
+    "pooled": (pa.field(CHUNKS_COLUMN, pa.int32()),),
+}
 
 # --output-dtype -> (numpy dtype of a stored value, dimensions per stored value)
 OUTPUT_DTYPES: dict[str, tuple[np.dtype, int]] = {
@@ -42,9 +56,12 @@ def embedding_type(dtype: str, dim: int) -> pa.DataType:
 
 
 def output_schema(keep_schema: pa.Schema, dim: int, metadata: dict, dtype: str = "float32",
-                  token_counts: bool = False) -> pa.Schema:
-    """Carried columns, then tokens: int32 and truncated: bool if asked, then embedding; job facts in the metadata."""
+                  token_counts: bool = False, chunks: str | None = None) -> pa.Schema:
+    """Carried columns, then CHUNK_FIELDS[chunks] ("rows" or "pooled") with --chunk, tokens: int32 and
+    truncated: bool if asked, then embedding; job facts in the metadata."""
     fields = list(keep_schema)
+    if chunks is not None:
+        fields += CHUNK_FIELDS[chunks]
     if token_counts:
         fields += [pa.field(TOKENS_COLUMN, pa.int32()), pa.field(TRUNCATED_COLUMN, pa.bool_())]
     fields.append(pa.field(EMBEDDING_COLUMN, embedding_type(dtype, dim)))

@@ -12,7 +12,15 @@ import re
 import sys
 from pathlib import Path
 
-from embedder.config import DEFAULT_OPSET, PRECISIONS, ExportOptions, JobConfig, OutputOptions
+from embedder.config import (
+    CHUNK_POOLINGS,
+    DEFAULT_OPSET,
+    PRECISIONS,
+    ExportOptions,
+    JobConfig,
+    OutputOptions,
+    chunk_options,
+)
 from embedder.schema import OUTPUT_DTYPES
 from jobs._cli import run_job, setup_logging
 
@@ -50,6 +58,18 @@ def add_model_options(p: argparse.ArgumentParser, threads_default: str = "one pe
     p.add_argument("--max-tokens", type=int, help="padded-token budget per batch: rows x longest row (default: 1024 on CPU, 16384 on CUDA)")
     p.add_argument("--max-batch-size", type=int, default=256, help="most rows in one batch (default 256)")
     p.add_argument("--window-rows", type=int, default=20000, help="rows read, sorted by length and embedded together; bounds memory (default 20000)")
+    p.add_argument("--window-mb", type=float, default=16.0, help="a window also ends before its text passes this many "
+                   "megabytes (a longer text is a window alone) (default 16)")
+    p.add_argument("--no-dedup", dest="dedup", action="store_false", help="embed every row (or chunk) even where "
+                   "its window holds the same text already (default: embed it once, copy the vector)")
+    p.add_argument("--chunk", action="store_true", help="split texts longer than the model takes into chunks at word "
+                   "starts instead of truncating them: one output row per chunk, with chunk, chunk_start, chunk_end")
+    p.add_argument("--chunk-tokens", type=int, help="most tokens per chunk, special tokens and prompt included "
+                   "(default: --max-seq-len or the model's max_seq_length)")
+    p.add_argument("--chunk-overlap", type=int, default=0, help="most tokens a chunk repeats from the one before, "
+                   "snapped to a word start (default 0)")
+    p.add_argument("--chunk-pooling", choices=CHUNK_POOLINGS, help="one row per text instead: the L2-normalized mean "
+                   "or max of its chunks' vectors, or its first chunk's, with a chunks column (implies --chunk)")
     p.add_argument("--prompt", help="prefix for every text, or the name of a prompt in the model's config (default: the model's default prompt, if any)")
     p.add_argument("--truncate-dim", type=int, help="keep the first D dimensions of each vector, L2-normalized again "
                    "(Matryoshka models; default: the model's truncate_dim, if its config has one)")
@@ -101,6 +121,9 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         prometheus_out=args.prometheus_out,
         output_options=OutputOptions(truncate_dim=args.truncate_dim, dtype=args.output_dtype, calibration=args.calibration,
                              token_counts=args.with_token_counts),
+        chunking=chunk_options(args.chunk, args.chunk_tokens, args.chunk_overlap, args.chunk_pooling),
+        dedup=args.dedup,
+        window_mb=args.window_mb,
     )
 
 

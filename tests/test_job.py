@@ -141,7 +141,8 @@ def test_metrics_json_is_last_stdout_line(mixed_corpus, job_cache, tmp_path, cap
     metrics = json.loads(last)
     assert metrics["rows"] == 90
     # No --max-tokens: the CPU default (small batches stay in cache) is what ran.
-    assert metrics["batching"] == {"window_rows": 20000, "max_tokens": 1024, "max_batch_size": 256}
+    assert metrics["batching"] == {"window_rows": 20000, "window_mb": 16.0, "max_tokens": 1024, "max_batch_size": 256,
+                                   "dedup": True}
     assert pq.read_schema(out).names == ["id", "embedding"]
 
 

@@ -31,6 +31,26 @@ class TokenizedWindow:
         """Rows cut at max_seq_length."""
         return int(self.cut.sum())
 
+    def take(self, rows: np.ndarray) -> TokenizedWindow:
+        """These rows only, in this order."""
+        lengths = self.lengths[rows]
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        # Each kept token's position in ids: its row's start plus its place in the row.
+        within = np.arange(int(offsets[-1]), dtype=np.int64) - np.repeat(offsets[:-1], lengths)
+        return TokenizedWindow(self.ids[np.repeat(self.offsets[:-1][rows], lengths) + within], offsets,
+                               self.cut[rows])
+
+    def distinct(self) -> tuple[np.ndarray, np.ndarray]:
+        """(the first row of each distinct token sequence, each row's index among those): rows with equal ids
+        get equal vectors, so each sequence need be embedded once."""
+        first: dict[bytes, int] = {}
+        ids, offsets = self.ids, self.offsets
+        inverse = np.fromiter((first.setdefault(ids[offsets[i]:offsets[i + 1]].tobytes(), len(first))
+                               for i in range(len(offsets) - 1)), dtype=np.int64, count=len(offsets) - 1)
+        _, rows = np.unique(inverse, return_index=True)  # sequences are numbered in order of first appearance
+        return rows.astype(np.int64), inverse
+
 
 class TextTokenizer:
     """Tokenizes text exactly as the exported model expects it."""

@@ -11,16 +11,27 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pyarrow as pa
 
-from embedder.config import TextSource
+from embedder.config import ChunkOptions, TextSource
 from embedder.errors import UnsupportedModelError, UsageError
 from embedder.infer.batching import pad_batch, plan_batches
+from embedder.infer.chunking import Chunker, Chunks, first_of_groups
 from embedder.infer.session import Encoder, create_encoder
 from embedder.infer.texts import window_texts
 from embedder.infer.tokenize import TextTokenizer, TokenizedWindow, resolve_prompt
 from embedder.infer.vectors import FIRST_WINDOW, VectorFormat
 from embedder.manifest import Artifact
 from embedder.metrics import Metrics
-from embedder.schema import EMBEDDING_COLUMN, TOKENS_COLUMN, TRUNCATED_COLUMN, embedding_array, token_count_arrays
+from embedder.schema import (
+    CHUNK_COLUMN,
+    CHUNK_END_COLUMN,
+    CHUNK_START_COLUMN,
+    CHUNKS_COLUMN,
+    EMBEDDING_COLUMN,
+    TOKENS_COLUMN,
+    TRUNCATED_COLUMN,
+    embedding_array,
+    token_count_arrays,
+)
 
 
 @dataclass(frozen=True)
@@ -29,6 +40,7 @@ class BatchingOptions:
 
     max_tokens: int | None = None  # None: the device kind's default_max_tokens (infer/devices.py)
     max_batch_size: int = 256
+    dedup: bool = True  # rows (or chunks) with the same token ids in a window are embedded once
 
 
 @dataclass(frozen=True)
@@ -37,7 +49,8 @@ class PreparedWindow:
 
     carried: pa.Table
     valid: np.ndarray
-    tokens: TokenizedWindow
+    tokens: TokenizedWindow  # one entry per text, or with --chunk per chunk
+    chunks: Chunks | None = None
 
 
 class WindowEmbedder:
@@ -51,9 +64,12 @@ class WindowEmbedder:
     def __init__(self, artifact: Artifact, device: str = "auto", threads: int | None = None,
                  max_seq_len: int | None = None, prompt: str | None = None,
                  batching: BatchingOptions = BatchingOptions(), tokenizer: TextTokenizer | None = None,
-                 vector_format: VectorFormat | None = None, token_counts: bool = False):
+                 vector_format: VectorFormat | None = None, token_counts: bool = False,
+                 chunking: ChunkOptions | None = None):
         # tokenizer: one already made by make_tokenizer for these max_seq_len and prompt (the run loop's).
         self.tokenizer = tokenizer or make_tokenizer(artifact, max_seq_len, prompt)
+        self.chunking = chunking
+        self.chunker = make_chunker(artifact, self.tokenizer, chunking) if chunking is not None else None
         self.encoder: Encoder = create_encoder(artifact.graphs, device, threads, artifact.precision)
         self.vector_format = vector_format or VectorFormat(self.encoder.dim)
         self.token_counts = token_counts
@@ -78,26 +94,81 @@ class WindowEmbedder:
         text = TextSource(text) if isinstance(text, str) else text
         with metrics.stage("tokenize"):
             valid, texts = window_texts(window, text)
-            tokens = self.tokenizer.encode(texts)
-        return PreparedWindow(window.drop_columns(list(text.columns)), valid, tokens)
+            if self.chunker is None:
+                return PreparedWindow(window.drop_columns(list(text.columns)), valid, self.tokenizer.encode(texts))
+            chunks = self.chunker.chunk(texts)
+        return PreparedWindow(window.drop_columns(list(text.columns)), valid, chunks.tokens, chunks)
 
     def run(self, prepared: PreparedWindow, metrics: Metrics, stop=None) -> pa.Table:
-        """Infer a tokenized window; vectors, stored as vector_format says, go back to the rows' order."""
-        carried, valid, tokens = prepared.carried, prepared.valid, prepared.tokens
-        vectors = self.stored_vectors(tokens, metrics, stop)
+        """Infer a tokenized window; vectors, stored as vector_format says, go back to the rows' order (with
+        --chunk, one row per chunk in chunk order, or one pooled row per text)."""
+        carried, valid, tokens, chunks = prepared.carried, prepared.valid, prepared.tokens, prepared.chunks
         metrics.windows += 1
         metrics.rows += carried.num_rows
         metrics.null_rows += int((~valid).sum())
         metrics.truncated_rows += tokens.truncated
+        if chunks is None:
+            return self._rows_table(carried, valid, tokens.lengths, tokens.cut, self.stored_vectors(tokens, metrics, stop))
+        metrics.chunks += len(chunks.starts)
+        metrics.chunked_rows += chunks.chunked_texts
+        metrics.cut_in_word += chunks.cut_in_word
+        vectors = self.vectors(tokens, metrics, stop)
+        if self.chunking.pooling is None:
+            return self._chunks_table(carried, valid, chunks, self.stored(vectors))
+        firsts = chunks.firsts
+        pooled = pool_chunks(vectors, firsts, self.chunking.pooling)
+        counts = np.zeros(len(valid), dtype=np.int32)
+        counts[valid] = chunks.counts
+        carried = carried.append_column(CHUNKS_COLUMN, pa.array(counts, mask=~valid))
+        lengths = np.add.reduceat(tokens.lengths, firsts) if len(firsts) else tokens.lengths  # all its chunks'
+        return self._rows_table(carried, valid, lengths, np.zeros(len(lengths), dtype=bool), self.stored(pooled))
+
+    def _rows_table(self, carried: pa.Table, valid: np.ndarray, lengths: np.ndarray, truncated: np.ndarray,
+                    stored: np.ndarray) -> pa.Table:
+        """The carried columns, token counts if asked, the stored vectors; valid rows have the vectors."""
         if self.token_counts:
-            counts, cut = token_count_arrays(tokens.lengths, tokens.cut, valid)
+            counts, cut = token_count_arrays(lengths, truncated, valid)
             carried = carried.append_column(TOKENS_COLUMN, counts).append_column(TRUNCATED_COLUMN, cut)
-        return carried.append_column(EMBEDDING_COLUMN, embedding_array(vectors, valid))
+        return carried.append_column(EMBEDDING_COLUMN, embedding_array(stored, valid))
+
+    def _chunks_table(self, carried: pa.Table, valid: np.ndarray, chunks: Chunks, stored: np.ndarray) -> pa.Table:
+        """One row per chunk (a null text: one row of nulls): the text's carried columns repeated, then chunk,
+        chunk_start, chunk_end, token counts if asked, the stored vectors."""
+        per_row = np.ones(len(valid), dtype=np.int64)
+        per_row[valid] = chunks.counts
+        rows = np.repeat(np.arange(len(valid)), per_row)
+        has_text = valid[rows]
+        number = (np.arange(len(rows)) - np.repeat(first_of_groups(per_row), per_row)).astype(np.int32)
+
+        def spread(values: np.ndarray) -> pa.Array:
+            out = np.zeros(len(rows), dtype=values.dtype)
+            out[has_text] = values
+            return pa.array(out, mask=~has_text)
+
+        table = carried.take(rows)
+        table = (table.append_column(CHUNK_COLUMN, pa.array(number, mask=~has_text))
+                 .append_column(CHUNK_START_COLUMN, spread(chunks.starts))
+                 .append_column(CHUNK_END_COLUMN, spread(chunks.ends)))
+        return self._rows_table(table, has_text, chunks.tokens.lengths, chunks.tokens.cut, stored)
+
+    def text_vectors(self, texts: list[str], metrics: Metrics) -> np.ndarray:
+        """One stored vector per text, batched as a window's non-null rows are (with --chunk-pooling, pooled from
+        its chunks'). Chunks without pooling have no one vector per text: embed() gives a row per chunk."""
+        if self.chunker is None:
+            return self.stored_vectors(self.tokenizer.encode(texts), metrics)
+        if self.chunking.pooling is None:
+            raise UsageError("with chunking each text has a vector per chunk: set chunk_pooling (mean, max or "
+                             "first) for one vector per text, or call embed() on a table for a row per chunk")
+        chunks = self.chunker.chunk(texts)
+        return self.stored(pool_chunks(self.vectors(chunks.tokens, metrics), chunks.firsts, self.chunking.pooling))
 
     def stored_vectors(self, tokens: TokenizedWindow, metrics: Metrics, stop=None) -> np.ndarray:
-        """vectors(), then truncated, renormalized and in the output dtype; the first call of an int8/uint8 format
+        """vectors(), then stored()."""
+        return self.stored(self.vectors(tokens, metrics, stop))
+
+    def stored(self, vectors: np.ndarray) -> np.ndarray:
+        """Float vectors truncated, renormalized and in the output dtype; the first call of an int8/uint8 format
         without ranges calibrates them on these rows."""
-        vectors = self.vectors(tokens, metrics, stop)
         if self.vector_format.needs_ranges:
             self.vector_format = self.vector_format.calibrated(vectors, FIRST_WINDOW)
         return self.vector_format.store(vectors)
@@ -106,8 +177,17 @@ class WindowEmbedder:
         """One vector per tokenized row, in the rows' order, from length-sorted token-budget batches.
 
         The one batch loop of the jobs and of the Python API: equal batching gives bit-identical vectors on CPU.
-        stop, if given, is called after every batch and may raise to abandon the rows.
+        stop, if given, is called after every batch and may raise to abandon the rows. With dedup, rows of equal
+        token ids are embedded once and their vector copied.
         """
+        if self.batching.dedup and len(tokens.lengths) > 1:
+            rows, inverse = tokens.distinct()
+            if len(rows) < len(inverse):
+                metrics.deduplicated += len(inverse) - len(rows)
+                return self._infer(tokens.take(rows), metrics, stop)[inverse]
+        return self._infer(tokens, metrics, stop)
+
+    def _infer(self, tokens: TokenizedWindow, metrics: Metrics, stop=None) -> np.ndarray:
         vectors = np.empty((len(tokens.lengths), self.encoder.dim), dtype=np.float32)
         with metrics.stage("infer"):
             for rows in plan_batches(tokens.lengths, self.batching.max_tokens, self.batching.max_batch_size):
@@ -119,6 +199,28 @@ class WindowEmbedder:
                 if stop is not None:
                     stop()
         return vectors
+
+
+def pool_chunks(vectors: np.ndarray, firsts: np.ndarray, pooling: str) -> np.ndarray:
+    """One vector per text from its chunks' (consecutive, starting at firsts): the L2-normalized mean or
+    element-wise max, or the first chunk's vector as it is."""
+    if not len(firsts):
+        return vectors[:0]
+    if pooling == "first":
+        return vectors[firsts]
+    reduce = np.add if pooling == "mean" else np.maximum
+    pooled = reduce.reduceat(vectors, firsts, axis=0)
+    norms = np.linalg.norm(pooled, axis=1, keepdims=True)
+    return (pooled / np.maximum(norms, np.float32(1e-12))).astype(np.float32, copy=False)
+
+
+def make_chunker(artifact: Artifact, tokenizer: TextTokenizer, chunking: ChunkOptions) -> Chunker:
+    """The chunker for --chunk-tokens (default: the tokens the model takes) and --chunk-overlap."""
+    tokens = chunking.tokens or tokenizer.max_seq_length
+    if tokens > tokenizer.max_seq_length:
+        raise UsageError(f"--chunk-tokens {tokens} exceeds the {tokenizer.max_seq_length} tokens the model takes "
+                         "(--max-seq-len or its max_seq_length)")
+    return Chunker(artifact.tokenizer_path, tokens, chunking.overlap, tokenizer.prompt)
 
 
 def make_tokenizer(artifact: Artifact, max_seq_len: int | None, prompt: str | None) -> TextTokenizer:

@@ -1,11 +1,12 @@
 """Progress that survives kill -9: a work folder beside OUT with one committed part file per window.
 
     .OUT.work/fingerprint.json    what the progress belongs to (inputs, model, graph, options)
-    .OUT.work/part-000000.parquet one per committed window, appearing only once complete
+    .OUT.work/part-000000.parquet one per committed window, appearing only once complete; with --chunk its
+                                  `embedder_part` metadata records the input rows it holds
     .OUT.work/_lease              a bucket's lock (on disk the folder itself is flock'ed)
 
 On disk a part is written to a temporary name, fsynced and renamed; in a bucket it is one PUT or one
-completed multipart upload (io/store.py). A rerun with the same fingerprint skips the committed windows.
+completed multipart upload (io/store.py). A rerun with the same fingerprint skips the input rows of the committed windows.
 OUT is then published:
     a file (OUT has no trailing '/'): the parts merged in order into one file that appears complete (a single
         part is renamed, or copied server-side, into place);
@@ -30,6 +31,7 @@ import embedder.hooks as hooks
 from embedder.errors import InputError, OutputError, OutputExistsError, UsageError, first_line
 from embedder.io.local_store import LocalStore
 from embedder.io.store import Store, locate
+from embedder.schema import PART_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,7 @@ class WorkFolder:
         self._renames = self.folder_output and isinstance(self.store, LocalStore)
         self.parts = self.store.join(self.path, "dataset") if self._renames else self.path
         self._check: Callable[[], None] = lambda: None
+        self.input_rows: list[int] = []  # input rows of each committed part, from prepare()
 
     def _part(self, index: int) -> str:
         return self.store.join(self.parts, part_name(index))
@@ -108,12 +111,13 @@ class WorkFolder:
             if not any(name.startswith("part-") for name in self._committed_names()):
                 self.store.delete_folder(self.path)
 
-    def prepare(self, fingerprint: dict, restart: bool, require_resume: bool,
-                expected_rows: Callable[[int], int] | None = None) -> int:
-        """Number of windows already committed for this fingerprint (0 for a fresh start).
+    def prepare(self, fingerprint: dict, restart: bool, require_resume: bool, one_row_per_input: bool = True,
+                window_rows: int | None = None) -> int:
+        """Number of windows already committed for this fingerprint (0 for a fresh start); input_rows then holds
+        the input rows of each: its rows, or (--chunk: one_row_per_input false) the count its metadata records.
 
-        expected_rows(i), if given, is the row count window i must have: a committed part that is truncated,
-        unreadable or of another size is dropped with every part after it, and those windows are redone.
+        A committed part that is unreadable, lacks a record it needs, or holds more input rows than window_rows
+        is dropped with every part after it, and those windows are redone.
         """
         store = self.store
         stored_file = store.join(self.path, FINGERPRINT)
@@ -130,8 +134,9 @@ class WorkFolder:
         store.clear_strays(self.path, self.out)  # we hold the lock: nothing half-written belongs to a live job
         names = self._committed_names()
         committed = 0
+        self.input_rows = []
         while part_name(committed) in names:
-            damage = self._damage(committed, expected_rows) if expected_rows is not None else None
+            damage = self._damage(committed, one_row_per_input, window_rows)
             if damage is not None:
                 logger.warning("committed part %s is damaged (%s); redoing window %d and the ones after it",
                                part_name(committed), damage, committed)
@@ -146,15 +151,28 @@ class WorkFolder:
             logger.info("resuming: %d windows already committed in %s", committed, store.uri(self.path))
         return committed
 
-    def _damage(self, index: int, expected_rows: Callable[[int], int]) -> str | None:
-        """Why committed part `index` cannot be used (its footer is read, not its pages), or None."""
+    def _damage(self, index: int, one_row_per_input: bool, window_rows: int | None) -> str | None:
+        """Why committed part `index` cannot be used (its footer is read, not its pages), or None; a usable part's
+        input rows are appended to input_rows."""
         try:
             with self.store.open_input(self._part(index)) as source:
-                rows = pq.ParquetFile(source).metadata.num_rows
+                footer = pq.ParquetFile(source).metadata
         except (pa.ArrowInvalid, OSError) as e:
             return f"unreadable: {first_line(e)}"
-        want = expected_rows(index)
-        return None if rows == want else f"{rows} rows where the window has {max(want, 0)}"
+        record = (footer.metadata or {}).get(PART_KEY)
+        if record is None:
+            if not one_row_per_input:
+                return "no record of the input rows it holds"
+            rows = footer.num_rows
+        else:
+            try:
+                rows = int(json.loads(record)["input_rows"])
+            except (KeyError, ValueError, TypeError):
+                return "a damaged record of the input rows it holds"
+        if window_rows is not None and rows > window_rows:
+            return f"{rows} input rows where a window holds at most {window_rows}"
+        self.input_rows.append(rows)
+        return None
 
     def _drop_from(self, index: int, names: set[str] | None = None) -> None:
         names = self._committed_names() if names is None else names
@@ -167,9 +185,13 @@ class WorkFolder:
         with self.store.open_input(self._part(index)) as source:
             return pq.read_schema(source)
 
-    def commit(self, index: int, table: pa.Table) -> None:
-        """Write one window's rows; it counts as committed only once it appears whole."""
+    def commit(self, index: int, table: pa.Table, input_rows: int | None = None) -> None:
+        """Write one window's rows, made of input_rows input rows (by default one each: then nothing is recorded,
+        and OUT's metadata stays the job's); it counts as committed only once it appears whole."""
         self._check()  # a lost lease: another job owns OUT now
+        if input_rows is not None and input_rows != table.num_rows:
+            record = json.dumps({"input_rows": input_rows}).encode()
+            table = table.replace_schema_metadata({**(table.schema.metadata or {}), PART_KEY: record})
         try:
             write_part(self.store, self._part(index), table)
         except OSError as e:

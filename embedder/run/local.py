@@ -17,7 +17,7 @@ from embedder.infer.window import BatchingOptions, WindowEmbedder
 from embedder.io.parquet import InputSet, iter_record_batches
 from embedder.io.workfolder import WorkFolder
 from embedder.metrics import Metrics
-from embedder.run.loop import embedded_windows, file_metadata, file_schema, finish, set_up
+from embedder.run.loop import batching_options, embedded_windows, file_metadata, file_schema, finish, set_up
 from embedder.run.report import Progress
 from embedder.run.signals import stop_on_signals
 from embedder.schema import METADATA_KEY
@@ -33,12 +33,13 @@ def run(config: JobConfig) -> dict:
     setup = set_up(config, metrics)
     with metrics.stage("model"):
         embedder = WindowEmbedder(setup.artifact, config.device, config.threads, config.max_seq_len, config.prompt,
-                                  BatchingOptions(config.max_tokens, config.max_batch_size), setup.tokenizer,
-                                  setup.vector_format, config.output_options.token_counts)
+                                  batching_options(config), setup.tokenizer, setup.vector_format,
+                                  config.output_options.token_counts, setup.chunking)
     encoder, inputs = embedder.encoder, setup.inputs
     metrics.provider, metrics.device = encoder.provider, encoder.device
-    metrics.batching = {"window_rows": config.window_rows, "max_tokens": embedder.batching.max_tokens,
-                        "max_batch_size": embedder.batching.max_batch_size}
+    metrics.batching = {"window_rows": config.window_rows, "window_mb": config.window_mb,
+                        "max_tokens": embedder.batching.max_tokens, "max_batch_size": embedder.batching.max_batch_size,
+                        "dedup": embedder.batching.dedup}
     logger.info("model %s (dim %d, max_seq_length %d) on %s", setup.spec.name, encoder.dim,
                 embedder.tokenizer.max_seq_length, encoder.device)
 
@@ -49,17 +50,14 @@ def run(config: JobConfig) -> dict:
 
     work = WorkFolder(config.output)
     with work.locked(take_over=config.restart), stop_on_signals() as stop:
-        def window_size(index: int) -> int:  # what committed part `index` must hold
-            return min(config.window_rows, inputs.total_rows - index * config.window_rows)
-
         done = work.prepare(fingerprint(config, inputs, metadata, embedder.batching), config.restart, config.resume,
-                            window_size)
+                            one_row_per_input=setup.chunk_columns != "rows", window_rows=config.window_rows)
         if done and embedder.vector_format.needs_ranges:
             # The ranges the first window gave, which committed part 0 records: the resumed windows use the same.
             committed = json.loads(work.part_schema(0).metadata[METADATA_KEY])
             embedder.vector_format = embedder.vector_format.with_ranges(ranges_from_metadata(committed),
                                                                         committed["calibration"])
-        skip = min(done * config.window_rows, inputs.total_rows)
+        skip = sum(work.input_rows)
         metrics.resumed_rows = skip
         progress = Progress(inputs.total_rows, config.progress, initial=skip)
         windows = done
@@ -70,12 +68,12 @@ def run(config: JobConfig) -> dict:
 
         try:
             batches = iter_record_batches(inputs, min(config.window_rows, 65536), skip_rows=skip)
-            for table in embedded_windows(embedder, batches, config.text, config.window_rows, schema, metrics,
-                                          after_batch):
+            for table, rows in embedded_windows(embedder, batches, config.text, config.window_rows, schema, metrics,
+                                                after_batch, setup.window_bytes):
                 with metrics.stage("write"):
-                    work.commit(windows, table)
+                    work.commit(windows, table, rows)
                 windows += 1
-                progress.update(table.num_rows)
+                progress.update(rows)
                 hooks.reached("window", windows)
                 stop.check()
         finally:
@@ -100,7 +98,7 @@ def fingerprint(config: JobConfig, inputs: InputSet, metadata: dict, batching: B
         "prompt": metadata["prompt"],
         "shard": list(config.shard),
         # Batching shapes the floating-point sums: keep it equal so a resumed run is bit-identical.
-        "batching": [config.window_rows, batching.max_tokens, batching.max_batch_size],
+        "batching": [config.window_rows, config.window_mb, batching.max_tokens, batching.max_batch_size],
     }
     # Added only where they differ from the defaults, so that progress of a run from before they existed still
     # resumes. Ranges calibrated on the first window are not known yet: committed part 0 records them.
@@ -111,4 +109,8 @@ def fingerprint(config: JobConfig, inputs: InputSet, metadata: dict, batching: B
         result["output"] = output
     if config.output_options.token_counts:
         result["token_counts"] = True
+    if metadata["chunking"] is not None:
+        result["chunking"] = metadata["chunking"]
+    if not batching.dedup:
+        result["dedup"] = False
     return result

@@ -16,14 +16,16 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from embedder import __version__
 from embedder.build.cache import get_or_export
-from embedder.config import JobConfig, OutputOptions, TextSource, default_cache_dir
+from embedder.config import ChunkOptions, JobConfig, OutputOptions, TextSource, default_cache_dir
 from embedder.errors import UsageError
 from embedder.infer.tokenize import TextTokenizer
 from embedder.infer.vectors import FIRST_WINDOW, VectorFormat
@@ -50,6 +52,18 @@ class Setup:
     artifact: Artifact
     tokenizer: TextTokenizer  # --max-seq-len and --prompt applied and checked against the model
     vector_format: VectorFormat  # --truncate-dim and --output-dtype checked against the model; --calibration's ranges
+    chunking: ChunkOptions | None  # --chunk with its token count resolved (the model's max_seq_length by default)
+
+    @property
+    def chunk_columns(self) -> str | None:
+        """Which chunk columns the output has: "rows" (one row per chunk), "pooled" (--chunk-pooling) or None."""
+        if self.chunking is None:
+            return None
+        return "rows" if self.chunking.pooling is None else "pooled"
+
+    @property
+    def window_bytes(self) -> int:
+        return int(self.config.window_mb * 1024 * 1024)
 
 
 def set_up(config: JobConfig, metrics: Metrics, folder_output: bool = False,
@@ -63,7 +77,10 @@ def set_up(config: JobConfig, metrics: Metrics, folder_output: bool = False,
                  config.overwrite)
     keep = list(config.keep_cols) if config.keep_cols is not None else None
     inputs = open_inputs(config.inputs, config.text.columns, keep).shard(*config.shard)
-    clash = [name for name in config.output_options.columns if name in inputs.keep_cols]
+    added = output_schema(pa.schema([]), 1, {}, token_counts=config.output_options.token_counts,
+                          chunks=None if config.chunking is None else
+                          ("rows" if config.chunking.pooling is None else "pooled")).names
+    clash = [name for name in added if name in inputs.keep_cols]
     if clash:
         raise UsageError(f"input already has column{'s' if len(clash) > 1 else ''} {', '.join(clash)}, which the "
                          "output adds; leave it out with --keep-cols")
@@ -77,8 +94,11 @@ def set_up(config: JobConfig, metrics: Metrics, folder_output: bool = False,
         vector_format = checked_vector_format(spec, config.output_options)  # nor does a bad --truncate-dim
         artifact = get_or_export(spec, config.export, config.cache_dir or default_cache_dir())
         tokenizer = make_tokenizer(artifact, config.max_seq_len, config.prompt)
+    chunking = config.chunking
+    if chunking is not None:
+        chunking = replace(chunking, tokens=chunking.tokens or tokenizer.max_seq_length)
     metrics.cache_hit = artifact.hit
-    return Setup(config, inputs, spec, artifact, tokenizer, vector_format)
+    return Setup(config, inputs, spec, artifact, tokenizer, vector_format, chunking)
 
 
 def checked_vector_format(spec: ModelSpec, options: OutputOptions) -> VectorFormat:
@@ -92,7 +112,7 @@ def checked_vector_format(spec: ModelSpec, options: OutputOptions) -> VectorForm
 def file_schema(setup: Setup, graph: Path, vector_format: VectorFormat) -> pa.Schema:
     """The output files' schema: carried columns, token counts if asked, embedding; file_metadata's facts."""
     return output_schema(setup.inputs.keep_schema, vector_format.dim, file_metadata(setup, graph, vector_format),
-                         vector_format.dtype, setup.config.output_options.token_counts)
+                         vector_format.dtype, setup.config.output_options.token_counts, setup.chunk_columns)
 
 
 def file_metadata(setup: Setup, graph: Path, vector_format: VectorFormat | None = None) -> dict:
@@ -112,6 +132,7 @@ def file_metadata(setup: Setup, graph: Path, vector_format: VectorFormat | None 
         "embedder_version": __version__,
         "text_column": text.column,
         "text_template": text.template,
+        "chunking": None if setup.chunking is None else setup.chunking.metadata(),
         # dim (the stored vectors' dimensions), model_dim, truncate_dim, output_dtype, ranges, calibration
         **(vector_format or setup.vector_format).metadata(),
     }
@@ -130,30 +151,38 @@ def calibrate_first_window(setup: Setup, vector_format: VectorFormat, metrics: M
                          f"cannot run the {setup.artifact.precision} graph; pass --calibration FILE")
     with metrics.stage("model"):
         embedder = WindowEmbedder(setup.artifact, "cpu", config.threads, config.max_seq_len, config.prompt,
-                                  BatchingOptions(config.max_tokens, config.max_batch_size), setup.tokenizer,
-                                  vector_format)
+                                  batching_options(config), setup.tokenizer, vector_format,
+                                  chunking=setup.chunking)
     scratch = Metrics()  # this window is embedded again by the actors: its counters are theirs
     batches = iter_record_batches(setup.inputs, min(config.window_rows, 65536))
-    window = next(windows(batches, config.window_rows, scratch))
+    window = next(windows(batches, config.window_rows, scratch, config.text.columns, setup.window_bytes))
     with metrics.stage("infer"):
         embedder.run(embedder.prepare(window, config.text, scratch), scratch)
     logger.info("--output-dtype %s: ranges calibrated on %s", vector_format.dtype, FIRST_WINDOW)
     return embedder.vector_format
 
 
+def batching_options(config: JobConfig) -> BatchingOptions:
+    return BatchingOptions(config.max_tokens, config.max_batch_size, config.dedup)
+
+
 def embedded_windows(embedder: WindowEmbedder, batches: Iterable[pa.RecordBatch], text: TextSource | str,
                      window_rows: int, schema: pa.Schema | Callable[[], pa.Schema], metrics: Metrics,
-                     after_batch: Callable[[], None] | None = None) -> Iterator[pa.Table]:
-    """Each window of window_rows rows embedded, in input order, as a table in the output schema.
+                     after_batch: Callable[[], None] | None = None,
+                     window_bytes: int | None = None) -> Iterator[tuple[pa.Table, int]]:
+    """Each window (window_rows rows, fewer where its text passes window_bytes) embedded, in input order, as
+    (a table in the output schema, the input rows it holds): with --chunk the table has a row per chunk.
 
     schema may be a callable, asked after each window is embedded: the metadata of an int8/uint8 run holds the
     ranges the first window calibrates. after_batch, if given, is called after every batch (signals, test hooks)
     and may raise to stop.
     """
-    tokenized = (embedder.prepare(window, text, metrics) for window in windows(batches, window_rows, metrics))
+    text = TextSource(text) if isinstance(text, str) else text
+    tokenized = (embedder.prepare(window, text, metrics)
+                 for window in windows(batches, window_rows, metrics, text.columns, window_bytes))
     for prepared in prefetch(tokenized):
         table = embedder.run(prepared, metrics, after_batch)
-        yield table.cast(schema() if callable(schema) else schema)
+        yield table.cast(schema() if callable(schema) else schema), prepared.carried.num_rows
 
 
 def finish(config: JobConfig, result: dict) -> dict:
@@ -165,25 +194,52 @@ def finish(config: JobConfig, result: dict) -> dict:
     return result
 
 
-def windows(batches: Iterable[pa.RecordBatch], window_rows: int, metrics: Metrics) -> Iterator[pa.Table]:
-    """Tables of exactly window_rows rows (the last may be shorter), read as they are needed."""
+def windows(batches: Iterable[pa.RecordBatch], window_rows: int, metrics: Metrics, text_columns: Iterable[str] = (),
+            window_bytes: int | None = None) -> Iterator[pa.Table]:
+    """Tables of window_rows rows, read as they are needed; a window ends earlier where the next row would take
+    its text columns past window_bytes (a row alone may be larger). The cuts depend only on the rows, so a
+    resumed run cuts where the first run did."""
+    text_columns = tuple(text_columns)
     pending: list[pa.RecordBatch] = []
-    count = 0
+    sizes = np.zeros(0, dtype=np.int64)  # text bytes of each pending row
     iterator = iter(batches)
     while True:
         with metrics.stage("read"):
             batch = next(iterator, None)
-        if batch is None:
-            break
-        pending.append(batch)
-        count += batch.num_rows
-        while count >= window_rows:
+        if batch is not None:
+            pending.append(batch)
+            sizes = np.concatenate([sizes, _text_bytes(batch, text_columns)]) if window_bytes else sizes
+        count = sum(b.num_rows for b in pending)
+        while count:
+            cut = _window_cut(sizes, count, window_rows, window_bytes, last=batch is None)
+            if cut is None:
+                break
             table = pa.Table.from_batches(pending)
-            yield table.slice(0, window_rows)
-            rest = table.slice(window_rows)
-            pending, count = rest.to_batches(), rest.num_rows
-    if count:
-        yield pa.Table.from_batches(pending)
+            yield table.slice(0, cut)
+            rest = table.slice(cut)
+            pending, count, sizes = rest.to_batches(), rest.num_rows, sizes[cut:]
+        if batch is None:
+            return
+
+
+def _text_bytes(batch: pa.RecordBatch, columns: tuple[str, ...]) -> np.ndarray:
+    """UTF-8 bytes of each row's text columns (a null counts 0)."""
+    sizes = np.zeros(batch.num_rows, dtype=np.int64)
+    for name in columns:
+        if name in batch.schema.names:
+            sizes += pc.fill_null(pc.binary_length(batch.column(name)), 0).to_numpy().astype(np.int64)
+    return sizes
+
+
+def _window_cut(sizes: np.ndarray, count: int, window_rows: int, window_bytes: int | None, last: bool) -> int | None:
+    """Rows in the next window of the count pending ones, or None to read more first."""
+    if window_bytes:
+        over = np.flatnonzero(np.cumsum(sizes[:window_rows]) > window_bytes)
+        if len(over):
+            return max(int(over[0]), 1)
+    if count >= window_rows:
+        return window_rows
+    return count if last else None
 
 
 def prefetch(items):

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import embedder.hooks as hooks
-from embedder.config import TextSource
+from embedder.config import ChunkOptions, TextSource
 from embedder.errors import EmbedderError, ExportError, OutputError
 from embedder.infer.vectors import VectorFormat
 from embedder.infer.window import BatchingOptions, WindowEmbedder
@@ -64,6 +64,8 @@ class WorkerOptions:
     window_rows: int
     vector_format: VectorFormat  # with its int8/uint8 ranges: the driver calibrates them
     token_counts: bool = False
+    chunking: ChunkOptions | None = None
+    window_bytes: int | None = None
 
 
 def _verified(folder: Path, manifest: Manifest) -> bool:
@@ -124,7 +126,7 @@ class EmbedActor:
         artifact = materialize_graph(graph)
         self.embedder = WindowEmbedder(artifact, options.device, options.threads, options.max_seq_len,
                                        options.prompt, options.batching, vector_format=options.vector_format,
-                                       token_counts=options.token_counts)
+                                       token_counts=options.token_counts, chunking=options.chunking)
         context = ray.get_runtime_context()
         self.worker = context.get_actor_id() or f"pid-{os.getpid()}"
         self.node = context.get_node_id()
@@ -142,11 +144,13 @@ class EmbedActor:
             with self.store.writer(path) as sink:  # removed (a temporary file, an aborted upload) on an error
                 with pq.ParquetWriter(sink, self.options.output_schema) as writer:
                     # The run loop's own windows, prefetch and batching, on this block's rows.
-                    for table in embedded_windows(self.embedder, block.to_batches(), text,
-                                                  self.options.window_rows, self.options.output_schema, metrics):
+                    for table, _ in embedded_windows(self.embedder, block.to_batches(), text,
+                                                     self.options.window_rows, self.options.output_schema, metrics,
+                                                     window_bytes=self.options.window_bytes):
                         hooks.reached("embedded")
                         with metrics.stage("write"):
                             writer.write_table(table)
+                        metrics.output_rows += table.num_rows
                 finishing = time.perf_counter()  # the footer is written; the file appears as the block exits
             metrics.stage_seconds["write"] += time.perf_counter() - finishing
         except OSError as e:
@@ -164,6 +168,11 @@ class EmbedActor:
             "padded_tokens": [metrics.padded_tokens],
             "batches": [metrics.batches],
             "windows": [metrics.windows],
+            "output_rows": [metrics.output_rows],
+            "chunks": [metrics.chunks],
+            "chunked_rows": [metrics.chunked_rows],
+            "cut_in_word": [metrics.cut_in_word],
+            "deduplicated": [metrics.deduplicated],
             "tokenize_seconds": [metrics.stage_seconds["tokenize"]],
             "infer_seconds": [metrics.stage_seconds["infer"]],
             "write_seconds": [metrics.stage_seconds["write"]],

@@ -28,13 +28,12 @@ from embedder import errors
 from embedder.config import JobConfig
 from embedder.errors import EmbedderError, InputError, OutputError, UsageError, first_line
 from embedder.infer.devices import Device, DeviceKind, candidates
-from embedder.infer.window import BatchingOptions
 from embedder.io.parquet import InputSet
 from embedder.io.store import locate
 from embedder.io.workfolder import part_name, publish_folder, write_part
 from embedder.manifest import Artifact
 from embedder.metrics import Metrics
-from embedder.run.loop import calibrate_first_window, file_schema, finish, set_up
+from embedder.run.loop import batching_options, calibrate_first_window, file_schema, finish, set_up
 from embedder.run.ray_actor import EmbedActor, GraphSource, WorkerOptions
 from embedder.run.report import Progress
 from embedder.run.signals import stop_on_signals
@@ -118,9 +117,10 @@ def run(config: JobConfig, options: RayOptions) -> dict:
                 worker = WorkerOptions(
                     text=config.text, output_schema=schema, staging=staging.uri, device=device,
                     threads=config.threads or max(1, int(options.cpus_per_worker)), max_seq_len=config.max_seq_len,
-                    prompt=config.prompt, batching=BatchingOptions(config.max_tokens, config.max_batch_size),
+                    prompt=config.prompt, batching=batching_options(config),
                     window_rows=config.window_rows, vector_format=vector_format,
-                    token_counts=config.output_options.token_counts,
+                    token_counts=config.output_options.token_counts, chunking=setup.chunking,
+                    window_bytes=setup.window_bytes,
                 )
                 source = _graph_source(ray, setup.artifact, kind, transfer)
                 results = _execute(ray, inputs, source, worker, options, config)
@@ -339,7 +339,8 @@ class _Staging:
 _NOT_WRITTEN = "OUT was not written (the Ray job does not resume: rerun it to start over)"
 
 
-_SUMMED = ("rows", "null_rows", "truncated_rows", "real_tokens", "padded_tokens", "batches", "windows")
+_SUMMED = ("rows", "null_rows", "truncated_rows", "real_tokens", "padded_tokens", "batches", "windows", "output_rows",
+           "chunks", "chunked_rows", "cut_in_word", "deduplicated")
 
 
 def _aggregate(metrics: Metrics, results: list[dict]) -> dict:
@@ -349,7 +350,6 @@ def _aggregate(metrics: Metrics, results: list[dict]) -> dict:
             setattr(metrics, name, getattr(metrics, name) + row[name])
         for stage in ("tokenize", "infer", "write"):
             metrics.stage_seconds[stage] += row[f"{stage}_seconds"]
-    metrics.output_rows = metrics.rows
     metrics.provider = ",".join(sorted({r["provider"] for r in results}))
     metrics.device = ",".join(sorted({r["device"] for r in results}))
     result = metrics.to_dict()
