@@ -235,6 +235,22 @@ def test_windows_bounded_by_text_size_and_kill_9_mid_document_resumes_bit_identi
     assert Path(WorkFolder(tmp_path / "other.parquet").path).is_dir()
 
 
+def test_shards_of_a_chunked_run_make_the_whole(model_zoo, export_cache_dir, exported, tmp_path):
+    exported("bert")
+    texts = documents(8, 10)
+    source = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"id": list(range(len(texts))), "text": texts}), source, row_group_size=2)
+    common = dict(model=model_zoo.model_arg("bert"), cache_dir=export_cache_dir, device="cpu", chunk=True,
+                  window_rows=3)
+    embed_parquet(source, tmp_path / "whole.parquet", **common)
+    for shard in ("0/2", "1/2"):
+        embed_parquet(source, tmp_path / f"shard{shard[0]}.parquet", shard=shard, **common)
+    parts = pa.concat_tables([pq.read_table(tmp_path / f"shard{i}.parquet") for i in (0, 1)])
+    whole = pq.read_table(tmp_path / "whole.parquet")
+    assert parts.drop_columns(["embedding"]).equals(whole.drop_columns(["embedding"]))
+    assert cosines(vectors(parts), vectors(whole)).min() >= 0.99999
+
+
 @pytest.mark.parametrize(("flags", "message"), [
     (["--chunk", "--chunk-overlap", "30"], "--chunk-overlap 30 leaves no room"),
     (["--chunk", "--chunk-tokens", "2"], "--chunk-tokens 2 leaves no room"),

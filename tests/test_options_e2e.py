@@ -154,7 +154,10 @@ def test_max_seq_len_truncates_as_sentence_transformers_does(bert, bert_st, expo
     assert_vectors_match(got, st_encode(short, JOB_TEXTS))
     assert meta["max_seq_length"] == SHORT
     assert metrics["truncated_rows"] == cut.sum()
-    assert metrics["real_tokens"] == sum(min(n, SHORT) for n in lengths)
+    # Rows cut to the same 8 tokens are embedded once (dedup): real tokens count each distinct sequence once.
+    kept = {tuple(ids) for ids in bert_st.tokenizer(JOB_TEXTS, truncation=True, max_length=SHORT)["input_ids"]}
+    assert metrics["real_tokens"] == sum(len(ids) for ids in kept) < sum(min(n, SHORT) for n in lengths)
+    assert metrics["deduplicated"] == len(JOB_TEXTS) - len(kept)
     # Exactly the rows longer than 8 tokens differ from those at the model's own limit of 32.
     full = st_encode(sentence_transformer(bert, pooling="mean"), JOB_TEXTS)
     assert cosines(got[cut], full[cut]).max() < DIFFERENT

@@ -220,6 +220,32 @@ def test_index_ready_output_equals_the_single_process_output(ray_cluster, job_ar
 
 @pytest.mark.ray
 @pytest.mark.slow
+def test_chunked_output_equals_the_single_process_output(ray_cluster, job_args, tmp_path):
+    """--chunk on Ray: a row per chunk, the same chunks and offsets as jobs.embed, vectors within cosine 1e-5."""
+    flags = ["--chunk", "--chunk-overlap", "4", "--threads", "1"]
+    local = tmp_path / "local.parquet"
+    assert embed_main([*job_args, *flags, "--out", str(local)]) == 0
+    reference = pq.read_table(local)
+    out = tmp_path / "vecs"
+    metrics = run_ray([*job_args, *flags], out, tmp_path / "metrics.json")
+
+    table = pq.read_table(out)
+    assert table.schema.equals(reference.schema, check_metadata=True)
+    order = np.lexsort((table.column("chunk").fill_null(0).to_numpy(), table.column("id").to_numpy()))
+    table = table.take(pa.array(order))
+    assert table.drop_columns(["embedding"]).equals(reference.drop_columns(["embedding"]))
+    assert metrics["output_rows"] == reference.num_rows > metrics["rows"]  # more chunks than rows
+    assert metrics["chunks"] == reference.column("chunk").drop_null().__len__() and metrics["chunked_rows"] > 0
+    got, want = table.column("embedding").combine_chunks(), reference.column("embedding").combine_chunks()
+    valid = want.is_valid().to_numpy(zero_copy_only=False)
+    dim = want.type.list_size
+    a = got.values.to_numpy(zero_copy_only=False).reshape(-1, dim)[valid]
+    b = want.values.to_numpy(zero_copy_only=False).reshape(-1, dim)[valid]
+    assert float((a * b).sum(axis=1).min()) >= 0.99999
+
+
+@pytest.mark.ray
+@pytest.mark.slow
 def test_bad_utf8_text_fails_with_one_line_and_exit_2(ray_cluster, model_zoo, export_cache_dir, exported, tmp_path,
                                                       capsys):
     exported("bert")
