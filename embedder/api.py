@@ -88,7 +88,7 @@ class Embedder:
         chunking = chunk_options(chunk, chunk_tokens, chunk_overlap, chunk_pooling)
         from_file = calibration if isinstance(calibration, (str, os.PathLike)) else None
         options = OutputOptions(truncate_dim, output_dtype, None if from_file is None else os.fspath(from_file),
-                                with_token_counts)
+                                with_token_counts, text_key=False)
         if calibration is not None and from_file is None and not options.calibrated:
             raise UsageError(f"calibration sets the ranges of output_dtype int8 or uint8, not {output_dtype}")
         check_embedding_options(max_seq_len, max_tokens, max_batch_size, window_rows, threads)
@@ -248,7 +248,8 @@ def embed_parquet(inputs: PathLike, output: PathLike, *, model: str | os.PathLik
                   output_dtype: str = "float32", calibration: PathLike | None = None,
                   with_token_counts: bool = False, chunk: bool = False, chunk_tokens: int | None = None,
                   chunk_overlap: int = 0, chunk_pooling: str | None = None, dedup: bool = True,
-                  window_mb: float = 16.0) -> dict:
+                  window_mb: float = 16.0, text_key: bool = True, reuse: PathLike | None = None,
+                  reuse_strict: bool = False, id_col: str | None = None) -> dict:
     """Run the batch job of `python -m jobs.embed` in this process and return its metrics.
 
     Each keyword is the command line's flag of that name (README, Commands), with the same defaults except
@@ -288,7 +289,10 @@ def embed_parquet(inputs: PathLike, output: PathLike, *, model: str | os.PathLik
         restart=restart,
         text_template=text_template,
         output_options=OutputOptions(truncate_dim, output_dtype, None if calibration is None else os.fspath(calibration),
-                                     with_token_counts),
+                                     with_token_counts, text_key),
+        reuse=None if reuse is None else os.fspath(reuse),
+        reuse_strict=reuse_strict,
+        id_col=id_col,
         chunking=chunk_options(chunk, chunk_tokens, chunk_overlap, chunk_pooling),
         dedup=dedup,
         window_mb=window_mb,

@@ -48,6 +48,7 @@ class OutputOptions:
     dtype: str = "float32"  # one of OUTPUT_DTYPES (embedder/schema.py)
     calibration: str | None = None  # int8/uint8: a Parquet file (path or URI) of float vectors in `embedding`
     token_counts: bool = False  # add `tokens` and `truncated` columns
+    text_key: bool = True  # add `text_key`, what a later --reuse matches rows by (Embedder.embed: off)
 
     def __post_init__(self) -> None:
         if self.dtype not in OUTPUT_DTYPES:
@@ -201,6 +202,9 @@ class JobConfig:
     prometheus_out: Path | None = None
     text_template: str | None = None  # "{title}\n\n{body}": the text made of several columns
     output_options: OutputOptions = OutputOptions()  # --truncate-dim, --output-dtype, --calibration, --with-token-counts
+    reuse: str | None = None  # --reuse PREV: an earlier output whose vectors are taken for unchanged texts
+    reuse_strict: bool = False  # a PREV made with other options is an error, not a warning and a full run
+    id_col: str | None = None  # with reuse: write the ids added, changed and deleted beside OUT
     chunking: ChunkOptions | None = None  # --chunk; None: texts are truncated at max_seq_length
     dedup: bool = True  # identical token sequences in a window are embedded once
     window_mb: float = 16.0  # most megabytes of text per window, whatever window_rows says
@@ -217,6 +221,12 @@ class JobConfig:
             raise UsageError(f"--window-mb must be above 0, got {self.window_mb}")
         if self.progress not in ("auto", "on", "off"):
             raise UsageError(f"--progress must be auto, on or off, got {self.progress}")
+        if self.reuse is not None:
+            object.__setattr__(self, "reuse", _location(self.reuse, "--reuse"))
+            if self.id_col is not None and not self.output_options.text_key:
+                raise UsageError("--id-col compares text keys: drop --no-text-key")
+        elif self.reuse_strict or self.id_col:
+            raise UsageError("--reuse-strict and --id-col apply with --reuse PREV")
         if self.resume and self.restart:
             raise UsageError("--resume and --restart contradict each other; pick one")
         text = TextSource.of(self.text_col, self.text_template)

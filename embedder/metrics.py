@@ -27,6 +27,7 @@ class Metrics:
     chunked_rows: int = 0  # --chunk: texts split into more than one chunk
     cut_in_word: int = 0  # --chunk: boundaries put inside a word that was longer than a chunk
     deduplicated: int = 0  # rows or chunks whose vector was copied from an identical one in their window
+    reused_rows: int = 0  # --reuse: rows (or chunks) whose vector was taken from the previous output
     provider: str = ""
     device: str = ""
     cache_hit: bool | None = None
@@ -61,6 +62,7 @@ class Metrics:
             "chunked_rows": self.chunked_rows,
             "cut_in_word": self.cut_in_word,
             "deduplicated": self.deduplicated,
+            "reused_rows": self.reused_rows,
             "wall_seconds": round(wall, 4),
             "stage_seconds": {k: round(v, 4) for k, v in self.stage_seconds.items()},
             "rows_per_second": round(self.rows / wall, 2) if wall > 0 else None,

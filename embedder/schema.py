@@ -1,7 +1,7 @@
 """The output table's shape, shared by the window embedder, the writers and the run loop: carried columns,
-then (with --chunk) `chunk`, `chunk_start` and `chunk_end`, or (with --chunk-pooling) `chunks`, then (with
---with-token-counts) `tokens` and `truncated`, then `embedding`, and the run's facts in the file's `embedder`
-metadata.
+then (with --chunk) `chunk`, `chunk_start` and `chunk_end`, or (with --chunk-pooling) `chunks`, then `text_key`
+(the jobs' default; not with --no-text-key nor from Embedder.embed), then (with --with-token-counts) `tokens`
+and `truncated`, then `embedding`, and the run's facts in the file's `embedder` metadata.
 
 `embedding` is a fixed_size_list of the --output-dtype's Arrow type: float32, float16 (halffloat), int8 or
 uint8 holding one value per dimension, or int8 (binary) / uint8 (ubinary) holding 8 dimensions per byte.
@@ -21,6 +21,8 @@ CHUNK_COLUMN = "chunk"
 CHUNK_START_COLUMN = "chunk_start"
 CHUNK_END_COLUMN = "chunk_end"
 CHUNKS_COLUMN = "chunks"
+TEXT_KEY_COLUMN = "text_key"
+TEXT_KEY_TYPE = pa.binary(16)
 METADATA_KEY = b"embedder"
 # A committed part's own key: the input rows it holds (with --chunk a part has more rows than it read).
 PART_KEY = b"embedder_part"
@@ -56,12 +58,14 @@ def embedding_type(dtype: str, dim: int) -> pa.DataType:
 
 
 def output_schema(keep_schema: pa.Schema, dim: int, metadata: dict, dtype: str = "float32",
-                  token_counts: bool = False, chunks: str | None = None) -> pa.Schema:
-    """Carried columns, then CHUNK_FIELDS[chunks] ("rows" or "pooled") with --chunk, tokens: int32 and
-    truncated: bool if asked, then embedding; job facts in the metadata."""
+                  token_counts: bool = False, chunks: str | None = None, text_key: bool = False) -> pa.Schema:
+    """Carried columns, then CHUNK_FIELDS[chunks] ("rows" or "pooled") with --chunk, text_key if asked,
+    tokens: int32 and truncated: bool if asked, then embedding; job facts in the metadata."""
     fields = list(keep_schema)
     if chunks is not None:
         fields += CHUNK_FIELDS[chunks]
+    if text_key:
+        fields.append(pa.field(TEXT_KEY_COLUMN, TEXT_KEY_TYPE))
     if token_counts:
         fields += [pa.field(TOKENS_COLUMN, pa.int32()), pa.field(TRUNCATED_COLUMN, pa.bool_())]
     fields.append(pa.field(EMBEDDING_COLUMN, embedding_type(dtype, dim)))
@@ -84,3 +88,12 @@ def token_count_arrays(lengths: np.ndarray, truncated: np.ndarray, valid: np.nda
     cut[valid] = truncated
     mask = ~valid
     return pa.array(counts, mask=mask), pa.array(cut, mask=mask)
+
+
+def key_array(keys: np.ndarray, valid: np.ndarray) -> pa.FixedSizeBinaryArray:
+    """Text keys ((n valid, 16) uint8, in row order) spread over all rows as text_key; invalid rows are null."""
+    values = np.zeros((len(valid), 16), dtype=np.uint8)
+    values[valid] = keys
+    validity = None if valid.all() else pa.array(valid).buffers()[1]
+    return pa.FixedSizeBinaryArray.from_buffers(TEXT_KEY_TYPE, len(valid), [validity, pa.py_buffer(values.tobytes())],
+                                                null_count=int((~valid).sum()))

@@ -37,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output Parquet file, or a folder of part files if it ends in '/'; a "
                    "local path, s3://, gs:// or az:// URI (appears only when complete)")
     add_model_options(p)
+    p.add_argument("--reuse", metavar="PREV", help="an earlier output of this job (file, folder or glob): rows whose "
+                   "text it holds, made with the same model and options, take its vectors instead of being embedded")
+    p.add_argument("--reuse-strict", action="store_true", help="a PREV made with other options (or without text "
+                   "keys) is an error (exit 2) instead of a warning and a full run")
+    p.add_argument("--id-col", help="with --reuse: also write OUT.changes.parquet, the ids added, changed and deleted "
+                   "since PREV (the column must be carried)")
     p.add_argument("--shard", default="0/1", help="I/N: embed only part I of N (by file and row group); the N outputs in order make the whole (default 0/1)")
     p.add_argument("--resume", action="store_true", help="require committed progress to resume (a rerun resumes by default)")
     p.add_argument("--restart", action="store_true", help="discard committed progress of an earlier run and start over")
@@ -78,6 +84,8 @@ def add_model_options(p: argparse.ArgumentParser, threads_default: str = "one pe
                    "binary/ubinary: 8 dimensions per byte) (default float32)")
     p.add_argument("--calibration", help="int8/uint8 ranges from this Parquet file's float vectors ('embedding' column) "
                    "instead of the first window")
+    p.add_argument("--no-text-key", dest="text_key", action="store_false", help="leave out the 'text_key' column "
+                   "(a 128-bit hash of the text the model was given, what a later --reuse matches rows by)")
     p.add_argument("--with-token-counts", action="store_true", help="add 'tokens' (int32: tokens fed to the model) and "
                    "'truncated' (bool) columns before 'embedding'")
     p.add_argument("--cache-dir", type=Path, help="graph cache (default: $EMBEDDER_CACHE or ~/.cache/embedder)")
@@ -120,10 +128,13 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         restart=args.restart,
         prometheus_out=args.prometheus_out,
         output_options=OutputOptions(truncate_dim=args.truncate_dim, dtype=args.output_dtype, calibration=args.calibration,
-                             token_counts=args.with_token_counts),
+                             token_counts=args.with_token_counts, text_key=args.text_key),
         chunking=chunk_options(args.chunk, args.chunk_tokens, args.chunk_overlap, args.chunk_pooling),
         dedup=args.dedup,
         window_mb=args.window_mb,
+        reuse=getattr(args, "reuse", None),
+        reuse_strict=getattr(args, "reuse_strict", False),
+        id_col=getattr(args, "id_col", None),
     )
 
 

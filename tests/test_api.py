@@ -191,7 +191,7 @@ def test_embed_parquet_runs_the_job(default_embedder, tmp_path, export_cache_dir
     assert metrics["rows"] == metrics["output_rows"] == len(texts) and metrics["output"] == str(out)
     assert json.loads((tmp_path / "metrics.json").read_text())["rows"] == len(texts)
     table = pq.read_table(out)
-    assert table.column_names == ["id", "embedding"]
+    assert table.column_names == ["id", "text_key", "embedding"]
     assert table.column("id").to_pylist() == list(range(len(texts)))
     # Default options on both sides: the file holds exactly what the Embedder gives.
     present = [t for t in texts if t is not None]

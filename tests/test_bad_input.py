@@ -133,7 +133,7 @@ def assert_succeeded(run: Run, want_ids: list, want_columns: list[str] | None = 
     assert run.rc == 0, run.err
     table = pq.read_table(run.out)
     if want_columns is not None:
-        assert table.column_names == [*want_columns, "embedding"]
+        assert table.column_names == [*want_columns, "text_key", "embedding"]
     assert table.column("id").to_pylist() == want_ids
     valid, values = vectors(table)
     assert np.isfinite(values).all()

@@ -92,7 +92,8 @@ def test_chunk_rows_cover_the_text_in_order_with_nulls_and_empty_text(model_zoo,
     texts = [*documents(3), None, "", "one two three"]
     table, metrics = run_chunked(tmp_path, texts, model_zoo.model_arg("bert"), export_cache_dir, chunk=True,
                                  with_token_counts=True)
-    assert table.column_names == ["id", "chunk", "chunk_start", "chunk_end", "tokens", "truncated", "embedding"]
+    assert table.column_names == ["id", "chunk", "chunk_start", "chunk_end", "text_key", "tokens", "truncated",
+                                  "embedding"]
     assert table.schema.field("chunk").type == pa.int32() and table.schema.field("chunk_start").type == pa.int64()
     rows = table.to_pylist()
     by_id: dict[int, list[dict]] = {}
@@ -151,7 +152,7 @@ def test_chunk_pooling_pools_the_chunk_vectors_per_text(model_zoo, export_cache_
     for pooling in ("mean", "max", "first"):
         table, metrics = run_chunked(tmp_path / pooling, texts, model_zoo.model_arg("bert"), export_cache_dir,
                                      chunk_pooling=pooling, dedup=False)
-        assert table.column_names == ["id", "chunks", "embedding"] and table.num_rows == len(texts)
+        assert table.column_names == ["id", "chunks", "text_key", "embedding"] and table.num_rows == len(texts)
         assert table.column("chunks").to_pylist() == [int((owner == i).sum()) or None for i in range(len(texts))]
         assert table.column("embedding")[3].as_py() is None
         got = vectors(table.filter(table.column("chunks").is_valid()))

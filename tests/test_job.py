@@ -82,7 +82,7 @@ def sentence_transformer():
 def test_vectors_equal_sentence_transformers_rows_in_order(embedded, mixed_corpus, sentence_transformer):
     table, _ = embedded
     source = read_input(mixed_corpus)
-    assert table.column_names == ["id", "source", "embedding"]
+    assert table.column_names == ["id", "source", "text_key", "embedding"]
     assert table.column("id").to_pylist() == source.column("id").to_pylist()
     assert table.column("source").to_pylist() == source.column("source").to_pylist()
 
@@ -143,7 +143,7 @@ def test_metrics_json_is_last_stdout_line(mixed_corpus, job_cache, tmp_path, cap
     # No --max-tokens: the CPU default (small batches stay in cache) is what ran.
     assert metrics["batching"] == {"window_rows": 20000, "window_mb": 16.0, "max_tokens": 1024, "max_batch_size": 256,
                                    "dedup": True}
-    assert pq.read_schema(out).names == ["id", "embedding"]
+    assert pq.read_schema(out).names == ["id", "text_key", "embedding"]
 
 
 def run_job(*args: str) -> subprocess.CompletedProcess:

@@ -244,7 +244,7 @@ def template_run(model_zoo, export_cache_dir, tmp_path_factory) -> tuple[pa.Tabl
 
 def test_template_with_nulls_equals_sentence_transformers(template_run, model_zoo):
     table, meta = template_run
-    assert table.column_names == ["id", "tag", "tokens", "truncated", "embedding"]  # the template's columns not carried
+    assert table.column_names == ["id", "tag", "text_key", "tokens", "truncated", "embedding"]  # the template's columns not carried
     texts = template_texts()
     assert table.column("embedding").is_null().to_pylist() == [t is None for t in texts]  # all-null row: null vector
     present = [t for t in texts if t is not None]

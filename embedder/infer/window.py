@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -15,6 +16,7 @@ from embedder.config import ChunkOptions, TextSource
 from embedder.errors import UnsupportedModelError, UsageError
 from embedder.infer.batching import pad_batch, plan_batches
 from embedder.infer.chunking import Chunker, Chunks, first_of_groups
+from embedder.infer.keys import text_keys
 from embedder.infer.session import Encoder, create_encoder
 from embedder.infer.texts import window_texts
 from embedder.infer.tokenize import TextTokenizer, TokenizedWindow, resolve_prompt
@@ -27,9 +29,11 @@ from embedder.schema import (
     CHUNK_START_COLUMN,
     CHUNKS_COLUMN,
     EMBEDDING_COLUMN,
+    TEXT_KEY_COLUMN,
     TOKENS_COLUMN,
     TRUNCATED_COLUMN,
     embedding_array,
+    key_array,
     token_count_arrays,
 )
 
@@ -51,6 +55,15 @@ class PreparedWindow:
     valid: np.ndarray
     tokens: TokenizedWindow  # one entry per text, or with --chunk per chunk
     chunks: Chunks | None = None
+    keys: np.ndarray | None = None  # (n, 16) uint8 per text (or chunk): infer/keys.py
+
+
+class Reuse(Protocol):
+    """Vectors a previous output already holds (io/previous.py)."""
+
+    def find(self, keys: np.ndarray) -> np.ndarray: ...  # the row holding each key, or -1
+
+    def vectors(self, rows: np.ndarray) -> np.ndarray: ...  # those rows' stored vectors
 
 
 class WindowEmbedder:
@@ -65,7 +78,7 @@ class WindowEmbedder:
                  max_seq_len: int | None = None, prompt: str | None = None,
                  batching: BatchingOptions = BatchingOptions(), tokenizer: TextTokenizer | None = None,
                  vector_format: VectorFormat | None = None, token_counts: bool = False,
-                 chunking: ChunkOptions | None = None):
+                 chunking: ChunkOptions | None = None, text_key: bool = False, reuse: Reuse | None = None):
         # tokenizer: one already made by make_tokenizer for these max_seq_len and prompt (the run loop's).
         self.tokenizer = tokenizer or make_tokenizer(artifact, max_seq_len, prompt)
         self.chunking = chunking
@@ -73,6 +86,8 @@ class WindowEmbedder:
         self.encoder: Encoder = create_encoder(artifact.graphs, device, threads, artifact.precision)
         self.vector_format = vector_format or VectorFormat(self.encoder.dim)
         self.token_counts = token_counts
+        self.text_key = text_key  # add the text_key column
+        self.reuse = reuse
         self.pad_id = artifact.manifest.pad_token_id
         if batching.max_tokens is None:
             batching = replace(batching, max_tokens=self.encoder.kind.default_max_tokens)
@@ -92,46 +107,91 @@ class WindowEmbedder:
     def prepare(self, window: pa.Table, text: TextSource | str, metrics: Metrics) -> PreparedWindow:
         """Tokenize a window (safe to run in another thread while the previous window infers)."""
         text = TextSource(text) if isinstance(text, str) else text
+        carried = window.drop_columns(list(text.columns))
         with metrics.stage("tokenize"):
             valid, texts = window_texts(window, text)
+            prompt = self.tokenizer.prompt
+            want_keys = self.text_key or self.reuse is not None
             if self.chunker is None:
-                return PreparedWindow(window.drop_columns(list(text.columns)), valid, self.tokenizer.encode(texts))
+                keys = text_keys(prompt + t for t in texts) if want_keys else None
+                return PreparedWindow(carried, valid, self.tokenizer.encode(texts), keys=keys)
             chunks = self.chunker.chunk(texts)
-        return PreparedWindow(window.drop_columns(list(text.columns)), valid, chunks.tokens, chunks)
+            keys = None
+            if want_keys and self.chunking.pooling is None:  # a chunk's key is that of the text it is alone
+                owners = np.repeat(np.arange(len(texts)), chunks.counts)
+                keys = text_keys(prompt + texts[i][s:e] for i, s, e in zip(owners, chunks.starts, chunks.ends))
+            elif want_keys:
+                keys = text_keys(prompt + t for t in texts)
+        return PreparedWindow(carried, valid, chunks.tokens, chunks, keys)
 
     def run(self, prepared: PreparedWindow, metrics: Metrics, stop=None) -> pa.Table:
         """Infer a tokenized window; vectors, stored as vector_format says, go back to the rows' order (with
-        --chunk, one row per chunk in chunk order, or one pooled row per text)."""
-        carried, valid, tokens, chunks = prepared.carried, prepared.valid, prepared.tokens, prepared.chunks
+        --chunk, one row per chunk in chunk order, or one pooled row per text). With reuse, rows (or chunks, or
+        pooled texts) whose key the previous output holds take its vector instead."""
+        carried, valid, tokens, chunks, keys = (prepared.carried, prepared.valid, prepared.tokens, prepared.chunks,
+                                                prepared.keys)
         metrics.windows += 1
         metrics.rows += carried.num_rows
         metrics.null_rows += int((~valid).sum())
         metrics.truncated_rows += tokens.truncated
         if chunks is None:
-            return self._rows_table(carried, valid, tokens.lengths, tokens.cut, self.stored_vectors(tokens, metrics, stop))
+            stored = self._reused_or_embedded(keys, metrics, lambda rows: self.stored_vectors(
+                tokens if rows is None else tokens.take(rows), metrics, stop))
+            return self._rows_table(carried, valid, tokens.lengths, tokens.cut, stored, keys)
         metrics.chunks += len(chunks.starts)
         metrics.chunked_rows += chunks.chunked_texts
         metrics.cut_in_word += chunks.cut_in_word
-        vectors = self.vectors(tokens, metrics, stop)
         if self.chunking.pooling is None:
-            return self._chunks_table(carried, valid, chunks, self.stored(vectors))
-        firsts = chunks.firsts
-        pooled = pool_chunks(vectors, firsts, self.chunking.pooling)
+            stored = self._reused_or_embedded(keys, metrics, lambda rows: self.stored(self.vectors(
+                tokens if rows is None else tokens.take(rows), metrics, stop)))
+            return self._chunks_table(carried, valid, chunks, stored, keys)
+
+        def pooled(texts: np.ndarray | None) -> np.ndarray:  # the pooled vectors of these texts (None: all)
+            counts = chunks.counts if texts is None else chunks.counts[texts]
+            picked = tokens
+            if texts is not None:
+                mine = np.zeros(len(chunks.counts), dtype=bool)
+                mine[texts] = True
+                picked = tokens.take(np.flatnonzero(np.repeat(mine, chunks.counts)))
+            return self.stored(pool_chunks(self.vectors(picked, metrics, stop), first_of_groups(counts),
+                                           self.chunking.pooling))
+
+        stored = self._reused_or_embedded(keys, metrics, pooled)
         counts = np.zeros(len(valid), dtype=np.int32)
         counts[valid] = chunks.counts
         carried = carried.append_column(CHUNKS_COLUMN, pa.array(counts, mask=~valid))
-        lengths = np.add.reduceat(tokens.lengths, firsts) if len(firsts) else tokens.lengths  # all its chunks'
-        return self._rows_table(carried, valid, lengths, np.zeros(len(lengths), dtype=bool), self.stored(pooled))
+        lengths = np.add.reduceat(tokens.lengths, chunks.firsts) if len(chunks.counts) else tokens.lengths
+        return self._rows_table(carried, valid, lengths, np.zeros(len(lengths), dtype=bool), stored, keys)
+
+    def _reused_or_embedded(self, keys: np.ndarray | None, metrics: Metrics, embed) -> np.ndarray:
+        """Stored vectors, one per key: the previous output's where it holds the key, embed(rows) for the others
+        (embed(None): all of them)."""
+        if self.reuse is None or keys is None or not len(keys):
+            return embed(None)
+        found = self.reuse.find(keys)
+        hit = found >= 0
+        if not hit.any():
+            return embed(None)
+        stored = np.empty((len(keys), self.vector_format.width), dtype=self.vector_format.numpy_dtype)
+        stored[hit] = self.reuse.vectors(found[hit])
+        missing = np.flatnonzero(~hit)
+        if len(missing):
+            stored[missing] = embed(missing)
+        metrics.reused_rows += int(hit.sum())
+        return stored
 
     def _rows_table(self, carried: pa.Table, valid: np.ndarray, lengths: np.ndarray, truncated: np.ndarray,
-                    stored: np.ndarray) -> pa.Table:
-        """The carried columns, token counts if asked, the stored vectors; valid rows have the vectors."""
+                    stored: np.ndarray, keys: np.ndarray | None = None) -> pa.Table:
+        """The carried columns, text keys and token counts if asked, the stored vectors; valid rows have them."""
+        if self.text_key:
+            carried = carried.append_column(TEXT_KEY_COLUMN, key_array(keys, valid))
         if self.token_counts:
             counts, cut = token_count_arrays(lengths, truncated, valid)
             carried = carried.append_column(TOKENS_COLUMN, counts).append_column(TRUNCATED_COLUMN, cut)
         return carried.append_column(EMBEDDING_COLUMN, embedding_array(stored, valid))
 
-    def _chunks_table(self, carried: pa.Table, valid: np.ndarray, chunks: Chunks, stored: np.ndarray) -> pa.Table:
+    def _chunks_table(self, carried: pa.Table, valid: np.ndarray, chunks: Chunks, stored: np.ndarray,
+                      keys: np.ndarray | None = None) -> pa.Table:
         """One row per chunk (a null text: one row of nulls): the text's carried columns repeated, then chunk,
         chunk_start, chunk_end, token counts if asked, the stored vectors."""
         per_row = np.ones(len(valid), dtype=np.int64)
@@ -149,7 +209,7 @@ class WindowEmbedder:
         table = (table.append_column(CHUNK_COLUMN, pa.array(number, mask=~has_text))
                  .append_column(CHUNK_START_COLUMN, spread(chunks.starts))
                  .append_column(CHUNK_END_COLUMN, spread(chunks.ends)))
-        return self._rows_table(table, has_text, chunks.tokens.lengths, chunks.tokens.cut, stored)
+        return self._rows_table(table, has_text, chunks.tokens.lengths, chunks.tokens.cut, stored, keys)
 
     def text_vectors(self, texts: list[str], metrics: Metrics) -> np.ndarray:
         """One stored vector per text, batched as a window's non-null rows are (with --chunk-pooling, pooled from

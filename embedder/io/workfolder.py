@@ -236,6 +236,14 @@ class WorkFolder:
             raise _CorruptPart(f"committed part {self.store.uri(part)} is corrupt ({first_line(e)}); it and the parts "
                                "after it are removed: rerun the same command to redo those windows") from e
 
+    def columns(self, windows: int, names: list[str]) -> pa.Table:
+        """These columns of the committed parts, in order (the change set reads ids and keys before publishing)."""
+        parts = []
+        for index in range(windows):
+            with self.store.open_input(self._part(index)) as source:
+                parts.append(pq.read_table(source, columns=names))
+        return pa.concat_tables(parts)
+
     def _move_only_part(self, overwrite: bool) -> int:
         """A one-window job: its committed part, written with OUT's schema, is OUT.
 

@@ -12,6 +12,7 @@ actors (run/ray_actor.py) that run embedded_windows on them and write part files
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -33,6 +34,7 @@ from embedder.infer.window import BatchingOptions, WindowEmbedder, make_tokenize
 from embedder.io.atomic import write_json_atomic
 from embedder.io.calibration import read_calibration
 from embedder.io.parquet import InputSet, iter_record_batches, open_inputs
+from embedder.io.previous import PreviousOutput
 from embedder.io.workfolder import check_output
 from embedder.manifest import Artifact
 from embedder.metrics import Metrics, summary_line
@@ -53,6 +55,7 @@ class Setup:
     tokenizer: TextTokenizer  # --max-seq-len and --prompt applied and checked against the model
     vector_format: VectorFormat  # --truncate-dim and --output-dtype checked against the model; --calibration's ranges
     chunking: ChunkOptions | None  # --chunk with its token count resolved (the model's max_seq_length by default)
+    previous: PreviousOutput | None = None  # --reuse PREV, opened (whether its vectors can be used: reusable())
 
     @property
     def chunk_columns(self) -> str | None:
@@ -79,13 +82,15 @@ def set_up(config: JobConfig, metrics: Metrics, folder_output: bool = False,
     inputs = open_inputs(config.inputs, config.text.columns, keep).shard(*config.shard)
     added = output_schema(pa.schema([]), 1, {}, token_counts=config.output_options.token_counts,
                           chunks=None if config.chunking is None else
-                          ("rows" if config.chunking.pooling is None else "pooled")).names
+                          ("rows" if config.chunking.pooling is None else "pooled"),
+                          text_key=config.output_options.text_key).names
     clash = [name for name in added if name in inputs.keep_cols]
     if clash:
         raise UsageError(f"input already has column{'s' if len(clash) > 1 else ''} {', '.join(clash)}, which the "
                          "output adds; leave it out with --keep-cols")
     logger.info("input: %d files, %d row groups, %d rows (shard %d/%d)", len(inputs.files), len(inputs.units),
                 inputs.total_rows, *config.shard)
+    previous = PreviousOutput(config.reuse) if config.reuse is not None else None  # missing or unreadable: exit 2
     before_model()
     with metrics.stage("model"):
         spec = load_spec(config.model, config.export.pooling)
@@ -98,7 +103,7 @@ def set_up(config: JobConfig, metrics: Metrics, folder_output: bool = False,
     if chunking is not None:
         chunking = replace(chunking, tokens=chunking.tokens or tokenizer.max_seq_length)
     metrics.cache_hit = artifact.hit
-    return Setup(config, inputs, spec, artifact, tokenizer, vector_format, chunking)
+    return Setup(config, inputs, spec, artifact, tokenizer, vector_format, chunking, previous)
 
 
 def checked_vector_format(spec: ModelSpec, options: OutputOptions) -> VectorFormat:
@@ -112,7 +117,8 @@ def checked_vector_format(spec: ModelSpec, options: OutputOptions) -> VectorForm
 def file_schema(setup: Setup, graph: Path, vector_format: VectorFormat) -> pa.Schema:
     """The output files' schema: carried columns, token counts if asked, embedding; file_metadata's facts."""
     return output_schema(setup.inputs.keep_schema, vector_format.dim, file_metadata(setup, graph, vector_format),
-                         vector_format.dtype, setup.config.output_options.token_counts, setup.chunk_columns)
+                         vector_format.dtype, setup.config.output_options.token_counts, setup.chunk_columns,
+                         setup.config.output_options.text_key)
 
 
 def file_metadata(setup: Setup, graph: Path, vector_format: VectorFormat | None = None) -> dict:
@@ -136,6 +142,35 @@ def file_metadata(setup: Setup, graph: Path, vector_format: VectorFormat | None 
         # dim (the stored vectors' dimensions), model_dim, truncate_dim, output_dtype, ranges, calibration
         **(vector_format or setup.vector_format).metadata(),
     }
+
+
+# What a previous output's vectors depend on besides the text: all of it must be the same to reuse them.
+REUSE_KEYS = ("model_hash", "graph_sha256", "pooling", "dense", "normalize", "max_seq_length", "prompt", "precision",
+              "chunking", "dim", "model_dim", "truncate_dim", "output_dtype", "ranges")
+
+
+def reusable(previous: PreviousOutput, metadata: dict, strict: bool) -> PreviousOutput | None:
+    """previous if its vectors were made as this run makes them and it has text keys; otherwise one warning and
+    None (every row is embedded), or with strict a UsageError (exit 2)."""
+    theirs = previous.metadata or {}
+    if not previous.has_keys or previous.metadata is None:
+        why = "it has no text_key column (written by --no-text-key, an older version, or not by this job)"
+    else:
+        differs = [key for key in REUSE_KEYS if theirs.get(key) != metadata.get(key)]
+        if not differs:
+            return previous
+        why = "it was made with other " + ", ".join(
+            f"{key} ({_short(theirs.get(key))} there, {_short(metadata.get(key))} here)" for key in differs)
+    message = f"--reuse {previous.spec}: cannot reuse its vectors: {why}"
+    if strict:
+        raise UsageError(message)
+    logger.warning("%s; embedding every row", message)
+    return None
+
+
+def _short(value) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def calibrate_first_window(setup: Setup, vector_format: VectorFormat, metrics: Metrics) -> VectorFormat:

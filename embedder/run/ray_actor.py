@@ -66,6 +66,7 @@ class WorkerOptions:
     token_counts: bool = False
     chunking: ChunkOptions | None = None
     window_bytes: int | None = None
+    text_key: bool = False
 
 
 def _verified(folder: Path, manifest: Manifest) -> bool:
@@ -126,7 +127,8 @@ class EmbedActor:
         artifact = materialize_graph(graph)
         self.embedder = WindowEmbedder(artifact, options.device, options.threads, options.max_seq_len,
                                        options.prompt, options.batching, vector_format=options.vector_format,
-                                       token_counts=options.token_counts, chunking=options.chunking)
+                                       token_counts=options.token_counts, chunking=options.chunking,
+                                       text_key=options.text_key)
         context = ray.get_runtime_context()
         self.worker = context.get_actor_id() or f"pid-{os.getpid()}"
         self.node = context.get_node_id()

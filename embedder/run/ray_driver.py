@@ -120,6 +120,7 @@ def run(config: JobConfig, options: RayOptions) -> dict:
                     prompt=config.prompt, batching=batching_options(config),
                     window_rows=config.window_rows, vector_format=vector_format,
                     token_counts=config.output_options.token_counts, chunking=setup.chunking,
+                    text_key=config.output_options.text_key,
                     window_bytes=setup.window_bytes,
                 )
                 source = _graph_source(ray, setup.artifact, kind, transfer)
