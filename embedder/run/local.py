@@ -14,15 +14,14 @@ from embedder.config import JobConfig
 from embedder.infer.devices import candidates
 from embedder.infer.vectors import ranges_from_metadata
 from embedder.infer.window import BatchingOptions, WindowEmbedder
+from embedder.io.changes import change_set, check_id_column, write_change_set
 from embedder.io.parquet import InputSet, iter_record_batches
 from embedder.io.workfolder import WorkFolder
 from embedder.metrics import Metrics
-from embedder.io.changes import change_set, check_id_column, write_change_set
 from embedder.run.loop import batching_options, embedded_windows, file_metadata, file_schema, finish, reusable, set_up
-from embedder.schema import TEXT_KEY_COLUMN
 from embedder.run.report import Progress
 from embedder.run.signals import stop_on_signals
-from embedder.schema import METADATA_KEY
+from embedder.schema import METADATA_KEY, TEXT_KEY_COLUMN
 
 logger = logging.getLogger(__name__)
 
