@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--graph-transfer", default="auto", choices=GRAPH_TRANSFERS,
                    help="how actors get the graph: 'path' reads the cache folder (shared storage), 'object-store' ships its bytes; "
                    "auto: path on a one-node cluster, object-store otherwise")
+    p.add_argument("--reuse", metavar="PREV", help="an earlier output of this job: rows whose text it holds, made with "
+                   "the same model and options, take its vectors (each actor indexes PREV's keys)")
+    p.add_argument("--reuse-strict", action="store_true", help="a PREV made with other options is an error (exit 2)")
     p.add_argument("--max-retries", type=int, default=3, help="restarts of a dead actor and retries of its block (default 3)")
     add_reporting_options(p)
     p.set_defaults(shard="0/1", resume=False, restart=False)  # single-process options that do not apply here

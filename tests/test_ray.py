@@ -246,6 +246,20 @@ def test_chunked_output_equals_the_single_process_output(ray_cluster, job_args, 
 
 @pytest.mark.ray
 @pytest.mark.slow
+def test_reuse_on_ray_takes_the_previous_vectors(ray_cluster, job_args, reference, tmp_path):
+    """--reuse of the single-process output: every row is found, none embedded, the vectors are PREV's."""
+    prev = tmp_path / "prev.parquet"
+    assert embed_main([*job_args, "--out", str(prev), "--threads", "1"]) == 0
+    out = tmp_path / "vecs"
+    metrics = run_ray([*job_args, "--reuse", str(prev)], out, tmp_path / "metrics.json")
+    assert metrics["reused_rows"] == metrics["rows"] - metrics["null_rows"] > 0 and metrics["real_tokens"] == 0
+    table = pq.read_table(out)
+    table = table.take(pa.array(np.argsort(table.column("id").to_numpy())))
+    assert table.equals(pq.read_table(prev).cast(table.schema))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
 def test_bad_utf8_text_fails_with_one_line_and_exit_2(ray_cluster, model_zoo, export_cache_dir, exported, tmp_path,
                                                       capsys):
     exported("bert")

@@ -31,6 +31,7 @@ from embedder.errors import EmbedderError, ExportError, OutputError
 from embedder.infer.vectors import VectorFormat
 from embedder.infer.window import BatchingOptions, WindowEmbedder
 from embedder.io.parquet import check_utf8
+from embedder.io.previous import PreviousOutput
 from embedder.io.store import locate
 from embedder.manifest import MANIFEST_FILE, Artifact, Manifest
 from embedder.metrics import Metrics, peak_rss_mb
@@ -67,6 +68,7 @@ class WorkerOptions:
     chunking: ChunkOptions | None = None
     window_bytes: int | None = None
     text_key: bool = False
+    reuse: str | None = None  # PREV, already found reusable by the driver; each actor indexes its keys
 
 
 def _verified(folder: Path, manifest: Manifest) -> bool:
@@ -128,7 +130,8 @@ class EmbedActor:
         self.embedder = WindowEmbedder(artifact, options.device, options.threads, options.max_seq_len,
                                        options.prompt, options.batching, vector_format=options.vector_format,
                                        token_counts=options.token_counts, chunking=options.chunking,
-                                       text_key=options.text_key)
+                                       text_key=options.text_key,
+                                       reuse=PreviousOutput(options.reuse) if options.reuse else None)
         context = ray.get_runtime_context()
         self.worker = context.get_actor_id() or f"pid-{os.getpid()}"
         self.node = context.get_node_id()
@@ -175,6 +178,7 @@ class EmbedActor:
             "chunked_rows": [metrics.chunked_rows],
             "cut_in_word": [metrics.cut_in_word],
             "deduplicated": [metrics.deduplicated],
+            "reused_rows": [metrics.reused_rows],
             "tokenize_seconds": [metrics.stage_seconds["tokenize"]],
             "infer_seconds": [metrics.stage_seconds["infer"]],
             "write_seconds": [metrics.stage_seconds["write"]],

@@ -33,7 +33,15 @@ from embedder.io.store import locate
 from embedder.io.workfolder import part_name, publish_folder, write_part
 from embedder.manifest import Artifact
 from embedder.metrics import Metrics
-from embedder.run.loop import batching_options, calibrate_first_window, file_schema, finish, set_up
+from embedder.run.loop import (
+    batching_options,
+    calibrate_first_window,
+    file_metadata,
+    file_schema,
+    finish,
+    reusable,
+    set_up,
+)
 from embedder.run.ray_actor import EmbedActor, GraphSource, WorkerOptions
 from embedder.run.report import Progress
 from embedder.run.signals import stop_on_signals
@@ -103,6 +111,10 @@ def run(config: JobConfig, options: RayOptions) -> dict:
     # The actors embed their blocks independently: int8/uint8 ranges are calibrated here, before any block.
     vector_format = calibrate_first_window(setup, setup.vector_format, metrics)
     schema = file_schema(setup, setup.artifact.graphs[kind], vector_format)
+    reuse = None  # what the actors reuse: PREV's location, if its vectors were made as these will be
+    if setup.previous is not None and reusable(setup.previous, file_metadata(setup, setup.artifact.graphs[kind],
+                                                                             vector_format), config.reuse_strict):
+        reuse = config.reuse
 
     cluster: dict = {}
     with staging, stop_on_signals(at_once=True, outcome=_NOT_WRITTEN):
@@ -120,7 +132,7 @@ def run(config: JobConfig, options: RayOptions) -> dict:
                     prompt=config.prompt, batching=batching_options(config),
                     window_rows=config.window_rows, vector_format=vector_format,
                     token_counts=config.output_options.token_counts, chunking=setup.chunking,
-                    text_key=config.output_options.text_key,
+                    text_key=config.output_options.text_key, reuse=reuse,
                     window_bytes=setup.window_bytes,
                 )
                 source = _graph_source(ray, setup.artifact, kind, transfer)
@@ -341,7 +353,7 @@ _NOT_WRITTEN = "OUT was not written (the Ray job does not resume: rerun it to st
 
 
 _SUMMED = ("rows", "null_rows", "truncated_rows", "real_tokens", "padded_tokens", "batches", "windows", "output_rows",
-           "chunks", "chunked_rows", "cut_in_word", "deduplicated")
+           "chunks", "chunked_rows", "cut_in_word", "deduplicated", "reused_rows")
 
 
 def _aggregate(metrics: Metrics, results: list[dict]) -> dict:
