@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from faults import fault_env
 from models import corpus_lines, cosines, reference_vectors
-from test_resume import last_json, run_job
+from test_resume import killed_then_resumed, last_json, run_job
 
 from embedder import Embedder, embed_parquet
 from embedder.io.workfolder import WorkFolder
@@ -219,11 +219,7 @@ def test_windows_bounded_by_text_size_and_kill_9_mid_document_resumes_bit_identi
     assert metrics["windows"] >= 4 and metrics["rows"] == len(texts)
 
     out = tmp_path / "vecs.parquet"
-    killed = run_job([*args, "--out", str(out)], **fault_env(tmp_path / "fault.json", point="window", count=3))
-    assert killed.returncode == -signal.SIGKILL
-    resumed = run_job([*args, "--out", str(out)])
-    assert resumed.returncode == 0, resumed.stderr
-    again = last_json(resumed.stdout)
+    again = killed_then_resumed(args, out, tmp_path / "fault.json", 3)
     assert 0 < again["resumed_rows"] < len(texts)
     assert pq.read_table(out).equals(pq.read_table(reference))
 

@@ -57,6 +57,15 @@ def last_json(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
+def killed_then_resumed(args: list[str], out: Path, fault_file: Path, windows: int) -> dict:
+    """Run the job on out, kill -9 it once `windows` windows are committed, rerun it; the rerun's metrics."""
+    killed = run_job([*args, "--out", str(out)], **fault_env(fault_file, point="window", count=windows))
+    assert killed.returncode == -signal.SIGKILL
+    resumed = run_job([*args, "--out", str(out)])
+    assert resumed.returncode == 0, resumed.stderr
+    return last_json(resumed.stdout)
+
+
 @pytest.mark.parametrize("crash_at", ["batch:1", "batch:40", "window:5", "merge:3"],
                          ids=["early", "mid-window", "after-commit", "final-write"])
 def test_sigkill_then_rerun_gives_the_uninterrupted_output(crash_at, job_args, reference, tmp_path):

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from faults import fault_env
 from models import corpus_lines, cosines
-from test_resume import last_json, run_job
+from test_resume import killed_then_resumed, run_job
 
 from embedder import embed_parquet
 from embedder.errors import InputError, UsageError
@@ -178,11 +176,7 @@ def test_kill_9_during_a_reuse_run_resumes_bit_identical(yesterday, common, mode
     reference = tmp_path / "reference.parquet"
     assert run_job([*args, "--out", str(reference)]).returncode == 0
     out = tmp_path / "out.parquet"
-    killed = run_job([*args, "--out", str(out)], **fault_env(tmp_path / "fault.json", point="window", count=2))
-    assert killed.returncode == -signal.SIGKILL
-    resumed = run_job([*args, "--out", str(out)])
-    assert resumed.returncode == 0, resumed.stderr
-    metrics = last_json(resumed.stdout)
+    metrics = killed_then_resumed(args, out, tmp_path / "fault.json", 2)
     assert metrics["resumed_rows"] == 140 and metrics["reused_rows"] > 0
     assert pq.read_table(out).equals(pq.read_table(reference))
     assert pq.read_table(str(out) + ".changes.parquet").equals(pq.read_table(str(reference) + ".changes.parquet"))
