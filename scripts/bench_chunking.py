@@ -265,6 +265,7 @@ def throughput(args, tmp: Path) -> dict:
             "median_wall_seconds": median(r["metrics"]["wall_seconds"] for r in ours),
             "median_seconds_without_model_load": median(busy),
             "median_process_wall_seconds": median(r["process_wall_seconds"] for r in ours),
+            "median_process_cpu_seconds": median(r["cpu_seconds"] for r in ours),
             "tokens_per_second": round(m0["real_tokens"] / statistics.median(busy), 1),
             "chunks_per_second": round(m0["chunks"] / statistics.median(busy), 2),
             "stage_seconds": [r["metrics"]["stage_seconds"] for r in ours],
@@ -279,6 +280,7 @@ def throughput(args, tmp: Path) -> dict:
             "median_load_seconds": median(r["load_seconds"] for r in theirs),
             "median_split_plus_encode_seconds": median(work),
             "median_process_wall_seconds": median(r["process_wall_seconds"] for r in theirs),
+            "median_process_cpu_seconds": median(r["cpu_seconds"] for r in theirs),
             "tokens_per_second": round(theirs[0]["tokens_fed"] / statistics.median(work), 1),
             "chunks_per_second": round(theirs[0]["chunks"] / statistics.median(work), 2),
             "torch_threads": theirs[0]["torch_threads"],
@@ -331,17 +333,20 @@ def dedup(args, tmp: Path) -> dict:
         on, off = runs["dedup"], runs["no-dedup"]
         wall = {k: median(r["metrics"]["wall_seconds"] for r in v) for k, v in runs.items()}
         infer = {k: median(r["metrics"]["stage_seconds"]["infer"] for r in v) for k, v in runs.items()}
+        cpu = {k: median(r["cpu_seconds"] for r in v) for k, v in runs.items()}
         results.append({
             "repeat_fraction": fraction, "rows": args.rows, "distinct_texts": len(set(texts)),
             "non_null_rows": len(texts), "deduplicated": on[0]["metrics"]["deduplicated"],
             "deduplicated_without": off[0]["metrics"]["deduplicated"],
-            "median_wall_seconds": wall, "median_infer_seconds": infer,
+            "median_wall_seconds": wall, "median_infer_seconds": infer, "median_process_cpu_seconds": cpu,
+            "speedup_cpu": round(cpu["no-dedup"] / cpu["dedup"], 2),
             "speedup_wall": round(wall["no-dedup"] / wall["dedup"], 2),
             "speedup_infer": round(infer["no-dedup"] / infer["dedup"], 2),
             "min_cosine_dedup_vs_no_dedup": cosine, "cosine_ok": cosine >= 0.99999,
             "runs": [{"case": r["case"], "wall_seconds": r["metrics"]["wall_seconds"],
                       "stage_seconds": r["metrics"]["stage_seconds"], "deduplicated": r["metrics"]["deduplicated"],
-                      "load_before": r["load_before"], "process_wall_seconds": r["process_wall_seconds"]}
+                      "load_before": r["load_before"], "process_wall_seconds": r["process_wall_seconds"],
+                      "cpu_seconds": r["cpu_seconds"]}
                      for r in on + off],
             "command": on[0]["command"],
         })
