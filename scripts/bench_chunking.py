@@ -4,6 +4,7 @@
                                                   # 1,000-char splitter + sentence-transformers (~10 min on 2 cores)
     python scripts/bench_chunking.py dedup        # 4,000 docstring rows, 10% and 40% repeated: dedup on vs --no-dedup
     python scripts/bench_chunking.py memory       # 10 and 100 docs of 1 MiB, --chunk on the tiny test BERT: peak RSS
+                                                  # (--docs 100 alone adds its row to earlier counts' rows)
     python scripts/bench_chunking.py all          # the three, in that order
 
 Each part replaces its own section of bench/chunking.json (the others stay), with the machine, ISA and software,
@@ -383,7 +384,7 @@ def megabyte_documents(texts: list[str], count: int, size: int, seed: int) -> li
     return docs
 
 
-def memory(args, tmp: Path) -> dict:
+def memory(args, tmp: Path, previous: dict | None = None) -> dict:
     model = args.model or build_tiny_model(tmp / "models")
     cache = tmp / "cache"
     export(model, cache)
@@ -409,10 +410,15 @@ def memory(args, tmp: Path) -> dict:
                         "process_wall_seconds": run["process_wall_seconds"], "stage_seconds": m["stage_seconds"],
                         "batching": m["batching"], "load_before": run["load_before"], "command": run["command"]})
         print(f"memory {count} docs: {results[-1]['peak_rss_mb']} MB, {m['wall_seconds']} s", file=sys.stderr)
-    return {"settings": {"doc_mb": args.doc_mb, "threads": args.threads, "max_seq_len": args.max_seq_len,
-                         "dedup": not args.no_dedup,
-                         "model": args.model or "tiny test bert (tests/models.py: 2 layers, hidden 32, vocab ~600, "
-                                                "max_seq_length 32, dim 16)"},
+    settings = {"doc_mb": args.doc_mb, "threads": args.threads, "max_seq_len": args.max_seq_len,
+                "dedup": not args.no_dedup,
+                "model": args.model or "tiny test bert (tests/models.py: 2 layers, hidden 32, vocab ~600, "
+                                       "max_seq_length 32, dim 16)"}
+    if previous and previous.get("settings") == settings:  # keep other document counts run with these settings
+        counts = {r["documents"] for r in results}
+        results = sorted([r for r in previous["results"] if r["documents"] not in counts] + results,
+                         key=lambda r: r["documents"])
+    return {"settings": settings,
             "results": results,
             "markdown": table(["documents", "text MB", "peak RSS MB", "chunks", "windows", "tokens", "wall s",
                                "tokenize s", "infer s"],
@@ -465,7 +471,7 @@ def main() -> int:
             elif part == "dedup":
                 found = dedup(argparse.Namespace(**{**vars(args), "max_seq_len": args.max_seq_len or 128}), Path(tmp))
             else:
-                found = memory(args, Path(tmp))
+                found = memory(args, Path(tmp), summary.get("memory"))
         found.update(machine=machine(), software=versions(), date=time.strftime("%Y-%m-%d %H:%M"),
                      load_average_after=round(os.getloadavg()[0], 2), part_seconds=round(time.perf_counter() - started))
         summary[part] = found
