@@ -1,8 +1,10 @@
 """What --chunk and dedup cost and save (issue 14): throughput, dedup speed-up, memory on huge documents.
 
     python scripts/bench_chunking.py throughput   # 60 docs of 3,000-6,000 tokens, default model: --chunk vs a
-                                                  # 1,000-char splitter + sentence-transformers (~10 min on 2 cores)
+                                                  # 1,000-char splitter + sentence-transformers (2 rounds: ~20 min
+                                                  # on 2 Zen 3 cores at load 6; --rounds 1 halves it)
     python scripts/bench_chunking.py dedup        # 4,000 docstring rows, 10% and 40% repeated: dedup on vs --no-dedup
+                                                  # (~18 min there; bench/chunking.json has --rows 2000)
     python scripts/bench_chunking.py memory       # 10 and 100 docs of 1 MiB, --chunk on the tiny test BERT: peak RSS
                                                   # (--docs 100 alone adds its row to earlier counts' rows)
     python scripts/bench_chunking.py all          # the three, in that order
