@@ -6,11 +6,15 @@ not uniform synthetic text. Docstrings ship with every Python install; reading t
 needs no network and imports nothing. Output is deterministic for one Python install,
 --packages and --seed: files are read in sorted order, docstrings cleaned (inspect.cleandoc +
 strip), de-duplicated, shuffled by --seed, and cycled in that order if --rows exceeds their
-number.
+number. --repeat-fraction F then makes round(F * rows) rows repeat the text (and source) of an earlier row,
+as real corpora repeat boilerplate (licence headers, "See also", cookie banners): for a dedup benchmark.
+The repeated rows and which earlier row each copies are drawn from their own stream of --seed, so F=0
+leaves the output exactly as it was.
 Columns: id (int64, 0..N-1), source ("module:Qualified.name"), text (string, may be null).
 
 Rerun:  python scripts/make_corpus.py                      # data/sample.parquet, 2,000 rows
         python scripts/make_corpus.py --out data/bench_1m --rows 1000000 --files 8
+        python scripts/make_corpus.py --out data/repeat40.parquet --rows 4000 --repeat-fraction 0.4
 """
 import argparse
 import ast
@@ -106,11 +110,32 @@ def row_indices(n_docs: int, rows: int, seed: int, nulls: float) -> tuple[np.nda
     return doc, text
 
 
+def repeat_rows(doc: np.ndarray, text: np.ndarray, null: int, seed: int, fraction: float) -> int:
+    """Make round(fraction * rows) non-null rows (never the first) copy the text and source of an earlier row
+    that keeps its own, uniformly drawn; in place. Returns how many rows repeat. A stream of its own
+    ([seed, 1]) leaves the row order and nulls of row_indices as they are."""
+    count = round(len(text) * fraction)
+    if not count:
+        return 0
+    filled = np.flatnonzero(text != null)
+    if count > len(filled) - 1:
+        raise SystemExit(f"make_corpus: --repeat-fraction {fraction} asks {count} repeated rows, but only "
+                         f"{max(len(filled) - 1, 0)} non-null rows follow the first one")
+    rng = np.random.default_rng([seed, 1])
+    repeats = np.sort(rng.choice(filled[1:], size=count, replace=False))
+    originals = np.setdiff1d(filled, repeats, assume_unique=True)  # sorted; holds filled[0]
+    earlier = np.searchsorted(originals, repeats)  # originals before each repeated row: at least 1
+    copied = originals[rng.integers(0, earlier)]
+    doc[repeats], text[repeats] = doc[copied], text[copied]
+    return count
+
+
 def build_tables(sources: list[str], texts: list[str], rows: int, files: int, seed: int,
-                 null_fraction: float) -> list[pa.Table]:
+                 null_fraction: float, repeat_fraction: float = 0.0) -> list[pa.Table]:
     """One table per output file, rows split in order, built with vectorised take."""
     source_arr, text_arr = pa.array(sources, pa.string()), pa.array(texts + [None], pa.string())
     doc, text = row_indices(len(texts), rows, seed, null_fraction)
+    repeat_rows(doc, text, len(texts), seed, repeat_fraction)
     bounds = np.linspace(0, rows, files + 1).astype(np.int64)
     return [pa.table({"id": pa.array(np.arange(a, b, dtype=np.int64)),
                       "source": source_arr.take(pa.array(doc[a:b])),
@@ -162,9 +187,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--packages", default="stdlib", help="comma list: stdlib and/or packages")
     p.add_argument("--seed", type=int, default=0, help="row order and null positions")
     p.add_argument("--null-fraction", type=float, default=0.0)
+    p.add_argument("--repeat-fraction", type=float, default=0.0,
+                   help="share of rows that repeat the text of an earlier row (default 0: none)")
     a = p.parse_args(argv)
-    if not (1 <= a.files <= a.rows and a.row_group_rows >= 1 and 0 <= a.null_fraction <= 1):
-        p.error("need 1 <= files <= rows, row-group-rows >= 1 and 0 <= null-fraction <= 1")
+    if not (1 <= a.files <= a.rows and a.row_group_rows >= 1 and 0 <= a.null_fraction <= 1
+            and 0 <= a.repeat_fraction < 1):
+        p.error("need 1 <= files <= rows, row-group-rows >= 1, 0 <= null-fraction <= 1 and "
+                "0 <= repeat-fraction < 1")
     return a
 
 
@@ -177,9 +206,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.rows > len(texts):
         log.info("%d rows > %d distinct docstrings: cycling through them %.1f times",
                  args.rows, len(texts), args.rows / len(texts))
-    tables = build_tables(sources, texts, args.rows, args.files, args.seed, args.null_fraction)
+    tables = build_tables(sources, texts, args.rows, args.files, args.seed, args.null_fraction,
+                          args.repeat_fraction)
     write_atomic(tables, args.out, args.row_group_rows)
     result = summary(tables, args.out, len(texts), time.perf_counter() - start)
+    if args.repeat_fraction:
+        result["repeated_rows"] = round(args.rows * args.repeat_fraction)
     print(json.dumps(result))
     return result
 

@@ -71,3 +71,40 @@ def test_null_fraction_nulls_exactly_that_share_of_texts(make_corpus, tmp_path):
     table = pq.read_table(out)
     assert table["text"].null_count == 250 == summary["null_texts"]
     assert table["source"].null_count == 0 and table["id"].to_pylist() == list(range(1000))
+
+
+def test_repeat_fraction_repeats_that_share_of_earlier_texts_deterministically(make_corpus, tmp_path):
+    args = [*SMALL, "--rows", "300", "--seed", "5", "--null-fraction", "0.1", "--repeat-fraction", "0.3"]
+    summary = make_corpus.main(["--out", str(tmp_path / "a.parquet"), *args])
+    make_corpus.main(["--out", str(tmp_path / "b.parquet"), *args])
+    a = pq.read_table(tmp_path / "a.parquet")
+    assert a.equals(pq.read_table(tmp_path / "b.parquet"))  # same --seed, same rows
+    assert a["id"].to_pylist() == list(range(300)) and summary["repeated_rows"] == 90
+    texts, sources = a["text"].to_pylist(), a["source"].to_pylist()
+    seen, repeats = {}, 0
+    for text, source in zip(texts, sources):
+        if text is not None and text in seen:
+            repeats += 1
+            assert seen[text] == source  # a repeat copies the earlier row's source with its text
+        elif text is not None:
+            seen[text] = source
+    assert repeats == 90 and a["text"].null_count == 30  # 300 rows < the docstrings: no cycling repeats
+    plain = make_corpus.main(["--out", str(tmp_path / "c.parquet"), *args[:-2]])
+    assert "repeated_rows" not in plain
+    assert len({t for t in pq.read_table(tmp_path / "c.parquet")["text"].to_pylist() if t}) == 270
+    other = make_corpus.main(["--out", str(tmp_path / "d.parquet"), *args[:5], "6", *args[6:]])
+    assert other["repeated_rows"] == 90
+    assert not pq.read_table(tmp_path / "d.parquet").equals(a)  # another --seed, other rows
+
+
+def test_repeat_fraction_zero_leaves_the_corpus_as_before(make_corpus, tmp_path):
+    args = [*SMALL, "--rows", "500", "--seed", "2", "--null-fraction", "0.2"]
+    make_corpus.main(["--out", str(tmp_path / "a.parquet"), *args])
+    make_corpus.main(["--out", str(tmp_path / "b.parquet"), *args, "--repeat-fraction", "0"])
+    a, b = pq.read_table(tmp_path / "a.parquet"), pq.read_table(tmp_path / "b.parquet")
+    assert a.equals(b)
+    # The repeats only overwrite rows: the nulls and every row that is not a repeat stay where they were.
+    make_corpus.main(["--out", str(tmp_path / "c.parquet"), *args, "--repeat-fraction", "0.5"])
+    c = pq.read_table(tmp_path / "c.parquet")
+    kept = [x == y for x, y in zip(a["text"].to_pylist(), c["text"].to_pylist())]
+    assert sum(kept) == 500 - 250 and c["text"].null_count == a["text"].null_count == 100
