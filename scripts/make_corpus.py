@@ -9,12 +9,15 @@ strip), de-duplicated, shuffled by --seed, and cycled in that order if --rows ex
 number. --repeat-fraction F then makes round(F * rows) rows repeat the text (and source) of an earlier row,
 as real corpora repeat boilerplate (licence headers, "See also", cookie banners): for a dedup benchmark.
 The repeated rows and which earlier row each copies are drawn from their own stream of --seed, so F=0
-leaves the output exactly as it was.
+leaves the output exactly as it was. --edit-fraction F edits round(F * rows) non-null rows, as a corpus changes
+from one night to the next: each gets the first line of another docstring appended (stream [seed, 2]); the
+same --seed with and without it gives yesterday's and today's corpus, row for row (scripts/bench_reuse.py).
 Columns: id (int64, 0..N-1), source ("module:Qualified.name"), text (string, may be null).
 
 Rerun:  python scripts/make_corpus.py                      # data/sample.parquet, 2,000 rows
         python scripts/make_corpus.py --out data/bench_1m --rows 1000000 --files 8
         python scripts/make_corpus.py --out data/repeat40.parquet --rows 4000 --repeat-fraction 0.4
+        python scripts/make_corpus.py --out data/day2.parquet --rows 200000 --edit-fraction 0.02
 """
 import argparse
 import ast
@@ -130,16 +133,34 @@ def repeat_rows(doc: np.ndarray, text: np.ndarray, null: int, seed: int, fractio
     return count
 
 
+def edit_rows(column: pa.Array, texts: list[str], seed: int, fraction: float) -> pa.Array:
+    """round(fraction * rows) non-null rows with the first line of another docstring appended ([seed, 2])."""
+    count = round(len(column) * fraction)
+    if not count:
+        return column
+    filled = np.flatnonzero(column.is_valid().to_numpy(zero_copy_only=False))
+    if count > len(filled):
+        raise SystemExit(f"make_corpus: --edit-fraction {fraction} asks {count} edited rows of {len(filled)} non-null")
+    rng = np.random.default_rng([seed, 2])
+    rows = np.sort(rng.choice(filled, size=count, replace=False))
+    added = rng.integers(0, len(texts), size=count)
+    edited = [column[int(r)].as_py() + "\n\n" + texts[int(a)].splitlines()[0] for r, a in zip(rows, added)]
+    mask = np.zeros(len(column), dtype=bool)
+    mask[rows] = True
+    return pc.replace_with_mask(column, pa.array(mask), pa.array(edited, pa.string()))
+
+
 def build_tables(sources: list[str], texts: list[str], rows: int, files: int, seed: int,
-                 null_fraction: float, repeat_fraction: float = 0.0) -> list[pa.Table]:
+                 null_fraction: float, repeat_fraction: float = 0.0, edit_fraction: float = 0.0) -> list[pa.Table]:
     """One table per output file, rows split in order, built with vectorised take."""
     source_arr, text_arr = pa.array(sources, pa.string()), pa.array(texts + [None], pa.string())
     doc, text = row_indices(len(texts), rows, seed, null_fraction)
     repeat_rows(doc, text, len(texts), seed, repeat_fraction)
+    column = edit_rows(text_arr.take(pa.array(text)), texts, seed, edit_fraction)
     bounds = np.linspace(0, rows, files + 1).astype(np.int64)
     return [pa.table({"id": pa.array(np.arange(a, b, dtype=np.int64)),
                       "source": source_arr.take(pa.array(doc[a:b])),
-                      "text": text_arr.take(pa.array(text[a:b]))})
+                      "text": column.slice(a, b - a)})
             for a, b in zip(bounds[:-1], bounds[1:])]
 
 
@@ -189,9 +210,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--null-fraction", type=float, default=0.0)
     p.add_argument("--repeat-fraction", type=float, default=0.0,
                    help="share of rows that repeat the text of an earlier row (default 0: none)")
+    p.add_argument("--edit-fraction", type=float, default=0.0,
+                   help="share of non-null rows edited (a line of another docstring appended), as a corpus changes "
+                        "between nightly runs (default 0: none)")
     a = p.parse_args(argv)
     if not (1 <= a.files <= a.rows and a.row_group_rows >= 1 and 0 <= a.null_fraction <= 1
-            and 0 <= a.repeat_fraction < 1):
+            and 0 <= a.repeat_fraction < 1 and 0 <= a.edit_fraction <= 1):
         p.error("need 1 <= files <= rows, row-group-rows >= 1, 0 <= null-fraction <= 1 and "
                 "0 <= repeat-fraction < 1")
     return a
@@ -207,11 +231,13 @@ def main(argv: list[str] | None = None) -> dict:
         log.info("%d rows > %d distinct docstrings: cycling through them %.1f times",
                  args.rows, len(texts), args.rows / len(texts))
     tables = build_tables(sources, texts, args.rows, args.files, args.seed, args.null_fraction,
-                          args.repeat_fraction)
+                          args.repeat_fraction, args.edit_fraction)
     write_atomic(tables, args.out, args.row_group_rows)
     result = summary(tables, args.out, len(texts), time.perf_counter() - start)
     if args.repeat_fraction:
         result["repeated_rows"] = round(args.rows * args.repeat_fraction)
+    if args.edit_fraction:
+        result["edited_rows"] = round(args.rows * args.edit_fraction)
     print(json.dumps(result))
     return result
 

@@ -108,3 +108,17 @@ def test_repeat_fraction_zero_leaves_the_corpus_as_before(make_corpus, tmp_path)
     c = pq.read_table(tmp_path / "c.parquet")
     kept = [x == y for x, y in zip(a["text"].to_pylist(), c["text"].to_pylist())]
     assert sum(kept) == 500 - 250 and c["text"].null_count == a["text"].null_count == 100
+
+
+def test_edit_fraction_edits_that_share_of_rows_and_nothing_else(make_corpus, tmp_path):
+    args = [*SMALL, "--rows", "400", "--seed", "3", "--null-fraction", "0.05"]
+    make_corpus.main(["--out", str(tmp_path / "day1.parquet"), *args])
+    summary = make_corpus.main(["--out", str(tmp_path / "day2.parquet"), *args, "--edit-fraction", "0.02"])
+    again = make_corpus.main(["--out", str(tmp_path / "again.parquet"), *args, "--edit-fraction", "0.02"])
+    day1, day2 = pq.read_table(tmp_path / "day1.parquet"), pq.read_table(tmp_path / "day2.parquet")
+    assert day2.equals(pq.read_table(tmp_path / "again.parquet")) and summary["edited_rows"] == again["edited_rows"] == 8
+    assert day1["id"].equals(day2["id"]) and day1["source"].equals(day2["source"])
+    pairs = list(zip(day1["text"].to_pylist(), day2["text"].to_pylist()))
+    edited = [(old, new) for old, new in pairs if old != new]
+    assert len(edited) == 8
+    assert all(old is not None and new.startswith(old + "\n\n") and len(new) > len(old) + 2 for old, new in edited)
