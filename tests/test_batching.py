@@ -89,3 +89,24 @@ def test_planned_and_padded_batches_match_the_tokenized_rows():
             assert not batch.input_ids[position, length:].any()
             seen.append(int(row))
     assert sorted(seen) == list(range(len(texts)))
+
+
+def test_prefetch_makes_the_next_item_only_once_the_previous_is_taken():
+    """Two windows at most: the one the caller embeds and the next, made while it does."""
+    import time
+
+    from embedder.run.loop import prefetch
+
+    made = []
+
+    def items():
+        for index in range(6):
+            made.append(index)
+            yield index
+
+    taken = []
+    for item in prefetch(items()):
+        taken.append(item)
+        time.sleep(0.05)  # the producer has time to run ahead, if it would
+        assert made[-1] <= item + 1, (made, item)
+    assert taken == list(range(6))

@@ -29,6 +29,8 @@ import numpy as np
 from embedder.errors import UsageError
 from embedder.infer.tokenize import TokenizedWindow
 
+# Characters tokenized per call: bounds the tokenizer's transient memory (about 100 bytes a token).
+SLICE_CHARS = 1 << 20
 # Pre-tokenizers whose words tokenize the same wherever they stand: any word start is a chunk boundary.
 _CONTEXT_FREE = ("BertPreTokenizer", "Whitespace", "WhitespaceSplit")
 
@@ -115,18 +117,13 @@ class Chunker:
         return np.asarray([i for i, w in zip(probe.ids, probe.word_ids) if w != last], dtype=np.int64)
 
     def chunk(self, texts: list[str]) -> Chunks:
-        """Every text as chunks (with the prompt prepended, as the model sees it)."""
+        """Every text as chunks (with the prompt prepended, as the model sees it).
+
+        Texts are tokenized a slice of about SLICE_CHARS characters at a time: the tokenizer's encodings (ids,
+        strings, offsets, word ids: on the order of 100 bytes a token) are freed before the next slice, so a
+        window's transient memory does not grow with its size.
+        """
         prompt = self.prompt
-        encodings = self._tokenizer.encode_batch([prompt + t for t in texts] if prompt else texts,
-                                                 add_special_tokens=False)
-        lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
-        total = int(lengths.sum())
-        ids = np.fromiter((i for e in encodings for i in e.ids), dtype=np.int64, count=total)
-        spans = np.fromiter((o for e in encodings for span in e.offsets for o in span), dtype=np.int64,
-                            count=2 * total).reshape(-1, 2)
-        words = np.fromiter((-1 if w is None else w for e in encodings for w in e.word_ids), dtype=np.int64,
-                            count=total)
-        del encodings
         prefix, suffix = np.asarray(self._prefix, np.int64), np.asarray(self._suffix, np.int64)
         pieces: list[np.ndarray] = []
         sizes: list[int] = []  # tokens per chunk
@@ -134,33 +131,40 @@ class Chunker:
         starts: list[int] = []
         ends: list[int] = []
         cut: list[bool] = []
-        base = 0
         shift = len(prompt)
-        for index, text in enumerate(texts):
-            n = int(lengths[index])
-            text_ids, text_spans = ids[base : base + n], spans[base : base + n]
-            # The prompt's tokens are the leading ones that end within it; they start every chunk.
-            lead = int(np.searchsorted(text_spans[:, 1], shift, side="right")) if shift else 0
-            room = self.max_tokens - len(prefix) - len(suffix) - max(lead, len(self._prompt_ids))
-            if n - lead <= room:  # the common case: the whole text is one chunk
-                pieces += (prefix, text_ids, suffix)
-                sizes.append(len(prefix) + n + len(suffix))
-                starts.append(0)
-                ends.append(len(text))
-                cut.append(False)
-                counts[index] = 1
-            else:
-                full = prompt + text if prompt else text
-                found = self._split(full, text_spans[lead:], words[base + lead : base + n], room)
-                for number, (first, stop, start_char, end_char, inside) in enumerate(found):
+        for first, stop in _slices(texts, SLICE_CHARS):
+            encodings = self._tokenizer.encode_batch([prompt + t for t in texts[first:stop]] if prompt
+                                                     else texts[first:stop], add_special_tokens=False)
+            for index, encoding in zip(range(first, stop), encodings):
+                text = texts[index]
+                text_ids = np.array(encoding.ids, dtype=np.int64)
+                n = len(text_ids)
+                spans = np.array(encoding.offsets, dtype=np.int64).reshape(-1, 2) if shift else None
+                # The prompt's tokens are the leading ones that end within it; they start every chunk.
+                lead = int(np.searchsorted(spans[:, 1], shift, side="right")) if shift else 0
+                room = self.max_tokens - len(prefix) - len(suffix) - max(lead, len(self._prompt_ids))
+                if n - lead <= room:  # the common case: the whole text is one chunk
+                    pieces += (prefix, text_ids, suffix)
+                    sizes.append(len(prefix) + n + len(suffix))
+                    starts.append(0)
+                    ends.append(len(text))
+                    cut.append(False)
+                    counts[index] = 1
+                    continue
+                if spans is None:
+                    spans = np.array(encoding.offsets, dtype=np.int64).reshape(-1, 2)
+                # Word ids (None only for special tokens, which are not added here) as a sorted int array.
+                words = np.nan_to_num(np.array(encoding.word_ids, dtype=np.float64), nan=-1).astype(np.int64)
+                found = self._split(prompt + text if prompt else text, spans[lead:], words[lead:], room)
+                for number, (first_token, stop_token, start_char, end_char, inside) in enumerate(found):
                     head = text_ids[:lead] if number == 0 else self._prompt_ids
-                    pieces += (prefix, head, text_ids[lead + first : lead + stop], suffix)
-                    sizes.append(len(prefix) + len(head) + stop - first + len(suffix))
+                    pieces += (prefix, head, text_ids[lead + first_token : lead + stop_token], suffix)
+                    sizes.append(len(prefix) + len(head) + stop_token - first_token + len(suffix))
                     starts.append(start_char - shift)
                     ends.append(end_char - shift)
                     cut.append(inside)
                 counts[index] = len(found)
-            base += n
+            del encodings
         flat = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
         offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
         np.cumsum(sizes, out=offsets[1:])
@@ -227,6 +231,19 @@ class Chunker:
         # The space goes with the chunk unless the prompt's own trailing space stands in for it.
         return char - 1 if self._with_space and not self.prompt.endswith(" ") else char
 
+
+
+def _slices(texts: list[str], chars: int) -> list[tuple[int, int]]:
+    """[first, stop) ranges of texts of about `chars` characters each (a longer text is a range alone)."""
+    ranges, first, size = [], 0, 0
+    for index, text in enumerate(texts):
+        if size and size + len(text) > chars:
+            ranges.append((first, index))
+            first, size = index, 0
+        size += len(text)
+    if first < len(texts):
+        ranges.append((first, len(texts)))
+    return ranges
 
 
 def first_of_groups(counts: np.ndarray) -> np.ndarray:

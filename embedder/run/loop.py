@@ -281,24 +281,26 @@ def prefetch(items):
     """Produce the next item in a thread while the caller works on this one.
 
     Reading and tokenizing window k+1 overlaps inference on window k (onnxruntime and the Rust
-    tokenizer both release the GIL). One item ahead bounds memory at two windows.
+    tokenizer both release the GIL). The producer starts on an item only once the caller has taken the one
+    before, so at most two windows are held: the one being embedded and the next.
     """
     slot: queue.Queue = queue.Queue(maxsize=1)
+    taken = threading.Event()
     done = object()
     cancelled = threading.Event()
 
     def produce():
         try:
-            for item in items:
-                while not cancelled.is_set():
-                    try:
-                        slot.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if cancelled.is_set():
+            iterator = iter(items)
+            while True:
+                item = next(iterator, done)  # made only after the caller took the previous one
+                slot.put((item, None))
+                if item is done:
                     return
-            slot.put((done, None))
+                while not taken.wait(timeout=0.1):
+                    if cancelled.is_set():
+                        return
+                taken.clear()
         except BaseException as e:  # re-raised in the caller's thread, where it can be reported
             slot.put((done, e))
 
@@ -307,6 +309,7 @@ def prefetch(items):
     try:
         while True:
             item, error = slot.get()
+            taken.set()
             if error is not None:
                 raise error
             if item is done:
