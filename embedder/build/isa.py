@@ -63,9 +63,9 @@ def note_int8_host(quantization: dict | None) -> None:
         return
     here, there, ratio = isa_kind(), speed.get("isa", {}).get("kind"), speed.get("ratio")
     if there != here:
-        logger.warning("int8 graph tuned and timed on a %s CPU, running on a %s one: its gate still holds (the same "
-                       "graph runs on every x86-64 CPU) but its speed-up of %.2fx over fp32 was measured there, not "
-                       "here; export in a fresh --cache-dir on this CPU kind to measure it", there, here, ratio or 0)
+        logger.warning("int8 graph tuned and timed on a %s CPU, running on a %s one: it runs here (the same "
+                       "operators), but its gate and its %.2fx over fp32 were measured with that CPU's int8 kernels, "
+                       "not this one's; export into a fresh --cache-dir here to measure them", there, here, ratio or 0)
     elif ratio is not None and ratio < FASTER_RATIO:
         logger.warning("int8 ran at %.2fx fp32 when it was exported on this CPU kind (%s): fp32 is as fast here, "
                        "use --precision fp32", ratio, here)
