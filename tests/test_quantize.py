@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 from models import TEXTS, cosines, onnx_vectors
 
-import embedder.build.isa as isa
-import embedder.build.quantize as quantize
+from embedder import ExportOptions, get_or_export, load_spec
+from embedder.build import isa, quantize
 from embedder.build.gate import domains
 from embedder.build.isa import isa_kind, note_int8_host
-from embedder import ExportOptions, get_or_export, load_spec
 from embedder.errors import ExportError
 from embedder.infer.graph_info import read_graph_info
 from jobs.embed import main as embed_main

@@ -28,7 +28,7 @@ from embedder.errors import ExportError
 
 _GATE_MODULES = ("argparse", "json/__init__.py", "pathlib.py", "collections/__init__.py", "textwrap.py",
                  "email/message.py", "logging/__init__.py", "csv.py", "datetime.py", "functools.py")
-_FIRST_SENTENCE = re.compile(r"^(.+?[.!?])(?:\s|$)", re.S)
+_FIRST_SENTENCE = re.compile(r"^(.+?[.!?])(?:\s|$)", re.DOTALL)
 # Emoji, CJK punctuation and control characters a user's rows carry: appended to or spliced into sentences.
 _NOISE = ("🙂", "🚀🔥", "👩‍💻", "\t", "\u200b", "…", "！", "\x07", "🇯🇵", "™", "\r\n", "（注）")
 
