@@ -6,10 +6,12 @@
 Everything is measured in this run: the machine's fp32 matrix-product rate (numpy, both cores), the
 model's FLOPs per token (from its config and the real token lengths), jobs.embed end to end (Parquet
 in, Parquet out, warm graph cache), sentence-transformers' encode and fastembed's embed (each with
-its own default batch size). Each jobs.embed run (--repeats per variant) follows its own
-matrix-product probe, and a variant's row is its run with the median fraction of that probe: the
-machine's speed drifts from minute to minute. Writes bench/results.json, bench/chart.png and prints
-a Markdown table for the README.
+its own default batch size). jobs.embed runs fp32 and each --embedder-variants set (default:
+--precision int8) in turn, --repeats times; each run follows its own matrix-product probe, and a
+variant's row is its run with the median fraction of that probe: the machine's speed drifts from
+minute to minute. Writes bench/results.json, bench/chart.png (where
+matplotlib is installed; skipped with a note otherwise) and prints a Markdown table for the README with
+each variant's ratio to fp32 and the CPU's ISA.
 """
 
 from __future__ import annotations
@@ -136,7 +138,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--peer-python", default=sys.executable, help="interpreter for sentence-transformers' ONNX backends")
     p.add_argument("--peer-backends", default="torch,onnx,onnx-O3,onnx-int8,fastembed")
-    p.add_argument("--embedder-variants", default="", help="';'-separated extra jobs.embed argument sets to compare")
+    p.add_argument("--embedder-variants", default="--precision int8",
+                   help="';'-separated extra jobs.embed argument sets to compare with the default (fp32) run")
     p.add_argument("--repeats", type=int, default=3, help="jobs.embed runs per variant, each after its own GEMM probe")
     p.add_argument("--out-dir", type=Path, default=ROOT / "bench")
     args = p.parse_args()
@@ -155,17 +158,20 @@ def main() -> int:
         # The machine's speed drifts by minutes here: each jobs.embed run gets its own GEMM probe just
         # before it, and a variant's row is its run with the median fraction of that probe.
         probes: list[float] = []
-        variants: list[list[tuple[dict, np.ndarray]]] = []
-        for index, variant in enumerate([""] + [v for v in args.embedder_variants.split(";") if v.strip()]):
-            folder = work / f"embedder-{index}"
-            folder.mkdir()
-            repeats = []
-            for _ in range(args.repeats):
+        names = [""] + [v for v in args.embedder_variants.split(";") if v.strip()]
+        variants: list[list[tuple[dict, np.ndarray]]] = [[] for _ in names]
+        for index in range(len(names)):
+            (work / f"embedder-{index}").mkdir()
+        # Variants take turns within each repeat (order reversed every other repeat), so fp32 and int8 meet the
+        # same minutes of a drifting machine.
+        for repeat in range(args.repeats):
+            order = list(range(len(names)))
+            for index in order if repeat % 2 == 0 else order[::-1]:
                 probes.append(matmul_flops(args.threads))
-                result, vectors = run_embedder(corpus, args.model, args.threads, folder, variant.split())
+                result, vectors = run_embedder(corpus, args.model, args.threads, work / f"embedder-{index}",
+                                               names[index].split())
                 result["matmul_flops"] = probes[-1]
-                repeats.append((result, vectors))
-            variants.append(repeats)
+                variants[index].append((result, vectors))
         limit = float(np.median(probes))
         peers: dict[str, tuple[dict, np.ndarray]] = {}
         for backend in [b for b in args.peer_backends.split(",") if b]:
@@ -208,7 +214,14 @@ def main() -> int:
                                                      / reference[0]["end_to_end_tokens_per_second"])
             result["min_cosine_to_st_torch"] = float((vectors * reference[1]).sum(axis=1).min())
         results.append(result)
+    from embedder.build.isa import isa_kind
+
+    for result, _ in runs[1:]:  # each variant against fp32, run for run (they alternated) and as medians
+        pairs = zip(result["repeats"], runs[0][0]["repeats"])
+        result["ratio_to_fp32"] = result["tokens_per_second"] / runs[0][0]["tokens_per_second"]
+        result["paired_ratios_to_fp32"] = [r["tokens_per_second"] / f["tokens_per_second"] for r, f in pairs]
     machine = {"platform": platform.platform(), "processor": _cpu_name(), "cores": os.cpu_count(), "isa": _isa(),
+               "isa_kind": isa_kind(),
                "threads": args.threads, "matmul_gflops": limit / 1e9}
     software = {name: _version(name) for name in ("onnxruntime-gpu", "torch", "transformers", "sentence-transformers")}
     software["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
@@ -242,6 +255,11 @@ def markdown(summary: dict) -> str:
         padding = f"{r['padding_efficiency']:.3f}" if r.get("padding_efficiency") else "-"
         lines.append(f"| {r['engine']} | {r['tokens_per_second']:,.0f} | {r['end_to_end_tokens_per_second']:,.0f} | "
                      f"{ratio} | {cosine} | {padding} | {100 * r['fraction_of_machine_limit']:.0f}% |")
+    for r in summary["results"]:
+        if "ratio_to_fp32" in r:
+            paired = ", ".join(f"{x:.2f}" for x in r["paired_ratios_to_fp32"])
+            lines.append(f"\n{r['engine']}: {r['ratio_to_fp32']:.2f}x fp32 tokens/s on {summary['machine']['isa_kind']} "
+                         f"(runs paired in turn: {paired})")
     return "\n".join(lines)
 
 

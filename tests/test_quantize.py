@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 from models import TEXTS, cosines, onnx_vectors
 
-import embedder.build.quantize as quantize
 from embedder import ExportOptions, get_or_export, load_spec
+from embedder.build import isa, quantize
+from embedder.build.gate import domains
+from embedder.build.isa import isa_kind, note_int8_host
 from embedder.errors import ExportError
 from embedder.infer.graph_info import read_graph_info
 from jobs.embed import main as embed_main
@@ -24,9 +26,15 @@ def test_int8_graph_passes_its_gate_and_records_it(int8_artifact, exported):
     manifest = int8_artifact.manifest
     fp32 = exported("bert")
     assert manifest.precision == "int8" and int8_artifact.folder != fp32.folder
-    gate = manifest.record["quantization"]["gate"]
+    quantization = manifest.record["quantization"]
+    gate = quantization["gate"]
     assert gate["min_cosine"] >= gate["threshold"] == 0.99 and gate["texts"] >= 32
-    assert manifest.record["quantization"]["quantized_nodes"] > 0
+    assert set(gate["domains"]) == {"docstrings", "short sentences", "multilingual and emoji"}
+    assert all(d["min_cosine"] >= 0.99 and d["texts"] >= 32 for d in gate["domains"].values()), gate
+    assert quantization["quantized_nodes"] > 0 and quantization["search"]["trials"]
+    # The export timed int8 against fp32 here and says on which kind of CPU.
+    speed = quantization["speed"]
+    assert speed["isa"]["kind"] == isa_kind() and speed["ratio"] > 0 and speed["tokens"] > 0
     # Same interface as the fp32 graph, so the job feeds it the same way.
     assert read_graph_info(int8_artifact.graph_path).inputs == read_graph_info(fp32.graph_path).inputs
     ops = {n.op_type for n in __import__("onnx").load(str(int8_artifact.graph_path)).graph.node}
@@ -57,3 +65,46 @@ def test_int8_on_cuda_is_refused(tmp_path, model_zoo, export_cache_dir, capsys):
     assert rc == 2
     assert "int8 runs on the CPU provider only" in capsys.readouterr().err
     assert not (tmp_path / "out.parquet").exists()
+
+
+def test_gate_reports_on_other_rows_than_it_calibrates_on():
+    sample = domains()
+    assert [d.name for d in sample] == ["docstrings", "short sentences", "multilingual and emoji"]
+    for domain in sample:
+        assert len(domain.calibration) >= 32 and len(domain.gate) >= 32, domain.name
+        assert not set(domain.calibration) & set(domain.gate), domain.name
+    # The domains are what they say: short rows are short, the mix has scripts other than Latin, and emoji.
+    assert max(len(t.split()) for t in sample[1].gate) <= 20 < max(len(t.split()) for t in sample[0].gate)
+    mix = "".join(sample[2].gate)
+    assert any("\u4e00" <= c <= "\u9fff" for c in mix) and any(ord(c) >= 0x1F300 for c in mix)
+
+
+@pytest.mark.parametrize("first_passing", [0, 1, 5, 17, 35])
+def test_search_finds_the_fewest_fp32_nodes_in_few_trials(first_passing):
+    tried = []
+
+    def passes(n):
+        tried.append(n)
+        return n >= first_passing
+
+    assert quantize._fewest(passes, 35) == first_passing
+    assert len(tried) <= 6 and len(set(tried)) == len(tried)  # log2(37) rounded up: bisection, not a scan
+
+
+def test_search_gives_up_when_even_one_quantized_node_fails():
+    assert quantize._fewest(lambda n: False, 35) is None
+
+
+def test_job_logs_an_int8_graph_timed_on_another_cpu_kind_or_no_faster(monkeypatch, caplog):
+    record = {"speed": {"isa": {"kind": "avx512-vnni"}, "ratio": 1.9}}
+    monkeypatch.setattr(isa, "isa_kind", lambda flags=None: "avx2")
+    with caplog.at_level("WARNING", logger="embedder.build.isa"):
+        note_int8_host(record)
+        assert "tuned and timed on a avx512-vnni CPU, running on a avx2 one" in caplog.text
+        caplog.clear()
+        note_int8_host({"speed": {"isa": {"kind": "avx2"}, "ratio": 1.04}})
+        assert "fp32 is as fast here" in caplog.text
+        caplog.clear()
+        note_int8_host({"speed": {"isa": {"kind": "avx2"}, "ratio": 1.4}})
+        note_int8_host(None)  # fp32 entries and int8 ones exported before the speed was recorded
+        assert not caplog.text

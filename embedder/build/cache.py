@@ -22,6 +22,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from embedder.build.isa import note_int8_host
 from embedder.config import ExportOptions
 from embedder.errors import ExportError
 from embedder.manifest import MANIFEST_FILE, TOKENIZER_FILE, Artifact, Manifest
@@ -114,6 +115,7 @@ def get_or_export(spec: ModelSpec, options: ExportOptions, cache_dir: Path) -> A
                     manifest = _verify(folder)
                     if manifest is not None:
                         logger.info("cache hit: %s", folder)
+                        note_int8_host(manifest.record.get("quantization"))
                         return Artifact(folder, manifest, hit=True)
                     shutil.rmtree(folder, ignore_errors=True)
             if exporter is None:

@@ -261,7 +261,8 @@ def export_graph(spec: ModelSpec, options: ExportOptions, out_dir: Path) -> dict
     if options.precision == "int8":
         from embedder.build.quantize import quantize_int8
 
-        quantization = quantize_int8(graph_path, lambda path: gate_vectors(path, "cpu")[0])
+        quantization = quantize_int8(
+            graph_path, lambda texts, size: _batches_of(texts, backend, spec, pad_id, input_names, size))
         graphs = {"cpu": GRAPH_FILE}
     elif options.precision == "fp16":
         from embedder.build.half import convert_fp16

@@ -1,0 +1,114 @@
+"""int8 quantization variants of the default model's CPU graph against fp32: speed, quality, time per operator.
+
+    python scripts/bench_int8.py --rows 1500 --variants s8,s8-reduce-range,s8-per-tensor,u8 --profile
+
+Every weight MatMul quantized with onnxruntime's quantize_dynamic, one variant per choice the int8 export
+weighs (weight type, per-channel scales, reduce_range: AVX2 without VNNI multiplies u8 x s8 with vpmaddubsw,
+whose int16 pair sums can saturate; 7-bit weights avoid it). All graphs run the same docstring batches at the
+CPU's token budget in alternating rounds (bench_common.paired_rates); quality is min and mean cosine against
+fp32 over those rows; --profile adds onnxruntime's share of kernel time per operator type. Prints one JSON line
+with the CPU's ISA kind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+VARIANTS = {
+    "s8": {"weight_type": "QInt8", "per_channel": True},
+    "s8-reduce-range": {"weight_type": "QInt8", "per_channel": True, "reduce_range": True},
+    "s8-per-tensor": {"weight_type": "QInt8", "per_channel": False},
+    "u8": {"weight_type": "QUInt8", "per_channel": True},
+}
+
+
+def main() -> int:
+    from bench_common import default_model_rows, padded_batches, paired_rates  # puts the repository on sys.path
+
+    from embedder.build.gate import row_cosines
+    from embedder.build.isa import describe
+    from embedder.infer.devices import DEVICE_KINDS
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=1500)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--profile", action="store_true")
+    args = p.parse_args()
+
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    artifact, tokens = default_model_rows(args.rows)
+    batches = padded_batches(artifact, tokens, DEVICE_KINDS["cpu"].default_max_tokens)
+    fp32 = artifact.graphs["cpu"]
+    graph = onnx.load(str(fp32)).graph
+    weights = {t.name for t in graph.initializer}
+    nodes = [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+
+    def session(path: Path, profile: bool = False):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = args.threads
+        options.enable_mem_pattern = False  # as the job's sessions run
+        if profile:
+            options.enable_profiling = True
+            options.profile_file_prefix = os.path.join(tempfile.gettempdir(), "embedder-int8-profile")
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def feeds(batch, names):
+        all_ = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+                "token_type_ids": np.zeros_like(batch.input_ids)}
+        return {k: v for k, v in all_.items() if k in names}
+
+    with tempfile.TemporaryDirectory(prefix="embedder-int8-") as tmp:
+        graphs = {"fp32": fp32}
+        for name in args.variants.split(","):
+            options = dict(VARIANTS[name])
+            options["weight_type"] = getattr(QuantType, options["weight_type"])
+            graphs[name] = Path(tmp) / f"{name}.onnx"
+            quantize_dynamic(str(fp32), str(graphs[name]), nodes_to_quantize=nodes,
+                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT}, **options)
+        sessions = {name: session(path) for name, path in graphs.items()}
+        inputs = {i.name for i in sessions["fp32"].get_inputs()}
+        vectors = {name: np.concatenate([s.run(None, feeds(b, inputs))[0] for b in batches])
+                   for name, s in sessions.items()}
+        rates = paired_rates({name: (lambda s=s: [s.run(None, feeds(b, inputs)) for b in batches])
+                              for name, s in sessions.items()}, int(tokens.lengths.sum()), args.repeats)
+        result = {"isa": describe(), "rows": len(tokens.lengths), "threads": args.threads, "quantized": len(nodes),
+                  "variants": {}}
+        for name, path in graphs.items():
+            cosines = row_cosines(vectors[name], vectors["fp32"])
+            result["variants"][name] = {
+                "tokens_per_second": round(float(np.median(rates[name])), 1),
+                "ratio_to_fp32": round(float(np.median(np.array(rates[name]) / np.array(rates["fp32"]))), 3),
+                "min_cosine": round(float(cosines.min()), 5), "mean_cosine": round(float(cosines.mean()), 6)}
+            if args.profile:
+                profiled = session(path, profile=True)
+                for batch in batches:
+                    profiled.run(None, feeds(batch, inputs))
+                trace = profiled.end_profiling()
+                with open(trace) as f:
+                    events = json.load(f)
+                os.remove(trace)
+                by_op: collections.Counter = collections.Counter()
+                for event in events:
+                    if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+                        by_op[event["args"]["op_name"]] += event["dur"]
+                total = sum(by_op.values())
+                result["variants"][name]["kernel_share"] = {op: round(t / total, 3) for op, t in by_op.most_common(8)}
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
