@@ -3,6 +3,9 @@ batches planned the way the job plans them."""
 
 from __future__ import annotations
 
+import collections
+import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -58,3 +61,18 @@ def run_all(encoder, batches: list) -> None:
     """One pass of an Encoder over the batches (the pass paired_rates times)."""
     for batch in batches:
         encoder(batch.input_ids, batch.attention_mask)
+
+
+def kernel_share(session) -> tuple[float, dict[str, float]]:
+    """(kernel seconds, share of kernel time per operator type, largest first) of a session run with profiling on;
+    ends its profiling and removes the trace."""
+    trace = session.end_profiling()
+    with open(trace) as f:
+        events = json.load(f)
+    os.remove(trace)
+    by_op: collections.Counter = collections.Counter()
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            by_op[event["args"]["op_name"]] += event["dur"]
+    total = sum(by_op.values())
+    return total / 1e6, {op: round(t / total, 3) for op, t in by_op.most_common()}

@@ -13,7 +13,6 @@ with the CPU's ISA kind.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import sys
@@ -31,7 +30,7 @@ VARIANTS = {
 
 
 def main() -> int:
-    from bench_common import default_model_rows, padded_batches, paired_rates  # puts the repository on sys.path
+    from bench_common import default_model_rows, kernel_share, padded_batches, paired_rates  # repository on sys.path
 
     from embedder.build.gate import row_cosines
     from embedder.build.isa import describe
@@ -96,16 +95,7 @@ def main() -> int:
                 profiled = session(path, profile=True)
                 for batch in batches:
                     profiled.run(None, feeds(batch, inputs))
-                trace = profiled.end_profiling()
-                with open(trace) as f:
-                    events = json.load(f)
-                os.remove(trace)
-                by_op: collections.Counter = collections.Counter()
-                for event in events:
-                    if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-                        by_op[event["args"]["op_name"]] += event["dur"]
-                total = sum(by_op.values())
-                result["variants"][name]["kernel_share"] = {op: round(t / total, 3) for op, t in by_op.most_common(8)}
+                result["variants"][name]["kernel_share"] = dict(list(kernel_share(profiled)[1].items())[:8])
     print(json.dumps(result))
     return 0
 

@@ -10,7 +10,6 @@ then prints the share of kernel time per operator type.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import sys
@@ -20,7 +19,7 @@ import numpy as np
 
 
 def main() -> int:
-    from bench_common import default_model_rows, padded_batches  # puts the repository on sys.path
+    from bench_common import default_model_rows, kernel_share, padded_batches  # puts the repository on sys.path
 
     from embedder.infer.devices import DEVICE_KINDS
 
@@ -45,19 +44,10 @@ def main() -> int:
         feeds = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
                  "token_type_ids": np.zeros_like(batch.input_ids)}
         session.run(None, {k: v for k, v in feeds.items() if k in names})
-    trace = session.end_profiling()
-    with open(trace) as f:
-        events = json.load(f)
-    os.remove(trace)
-    by_op: collections.Counter = collections.Counter()
-    for event in events:
-        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-            by_op[event["args"]["op_name"]] += event["dur"]
-    total = sum(by_op.values())
+    seconds, share = kernel_share(session)
     print(json.dumps({"graph": artifact.graphs[args.graph].name, "rows": len(tokens.lengths),
                       "max_tokens": args.max_tokens, "threads": args.threads,
-                      "kernel_seconds": round(total / 1e6, 2),
-                      "share": {op: round(t / total, 3) for op, t in by_op.most_common()}}))
+                      "kernel_seconds": round(seconds, 2), "share": share}))
     return 0
 
 
