@@ -282,7 +282,7 @@ def test_an_empty_input_writes_one_empty_part_with_the_schema(model_zoo, export_
     pytest.importorskip("ray.data")
     exported("bert")
     source = tmp_path / "in.parquet"
-    pq.write_table(reference.drop_columns(["embedding"]).slice(0, 0).append_column(
+    pq.write_table(reference.drop_columns(["text_key", "embedding"]).slice(0, 0).append_column(
         "text", pa.array([], pa.string())), source)
     out = tmp_path / "vecs"
     assert embed_ray_main(["--in", str(source), "--out", f"{out}/", "--model", model_zoo.model_arg("bert"),
