@@ -203,7 +203,7 @@ class Embedder:
         chunking = self._window_embedder.chunking
         per_chunk = chunking is not None and chunking.pooling is None
         added = output_schema(pa.schema([]), self.dim, {}, self.output_dtype, self._window_embedder.token_counts,
-                              None if chunking is None else "rows" if per_chunk else "pooled")
+                              None if chunking is None else chunking.layout)
         for name in added.names:
             if name in names:
                 raise UsageError(f"table already has a column '{name}'; drop or rename it first")

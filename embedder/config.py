@@ -90,6 +90,11 @@ class ChunkOptions:
         if self.pooling is not None and self.pooling not in CHUNK_POOLINGS:
             raise UsageError(f"--chunk-pooling {self.pooling} is not supported; valid: {', '.join(CHUNK_POOLINGS)}")
 
+    @property
+    def layout(self) -> str:
+        """The output's chunk columns (schema.CHUNK_FIELDS): "rows", one row per chunk, or "pooled", one per text."""
+        return "rows" if self.pooling is None else "pooled"
+
     def metadata(self) -> dict:
         """What the output file's metadata and the resume fingerprint record (tokens as resolved by the caller)."""
         return {"tokens": self.tokens, "overlap": self.overlap, "pooling": self.pooling}

@@ -62,7 +62,7 @@ class Setup:
         """Which chunk columns the output has: "rows" (one row per chunk), "pooled" (--chunk-pooling) or None."""
         if self.chunking is None:
             return None
-        return "rows" if self.chunking.pooling is None else "pooled"
+        return self.chunking.layout
 
     @property
     def window_bytes(self) -> int:
@@ -81,8 +81,7 @@ def set_up(config: JobConfig, metrics: Metrics, folder_output: bool = False,
     keep = list(config.keep_cols) if config.keep_cols is not None else None
     inputs = open_inputs(config.inputs, config.text.columns, keep).shard(*config.shard)
     added = output_schema(pa.schema([]), 1, {}, token_counts=config.output_options.token_counts,
-                          chunks=None if config.chunking is None else
-                          ("rows" if config.chunking.pooling is None else "pooled"),
+                          chunks=None if config.chunking is None else config.chunking.layout,
                           text_key=config.output_options.text_key).names
     clash = [name for name in added if name in inputs.keep_cols]
     if clash:
