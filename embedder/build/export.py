@@ -73,7 +73,7 @@ def _pool(torch, tokens, mask, modes: tuple[Pooling, ...], pooler_output):
         elif mode is Pooling.LAST_TOKEN:
             last = (mask.sum(dim=1) - 1).clamp(min=0).to(torch.int64)
             index = last.view(-1, 1, 1).expand(-1, 1, tokens.shape[-1])
-            vectors.append(torch.gather(tokens, 1, index).squeeze(1))
+            vectors.append(torch.gather(tokens, 1, index)[:, 0])  # squeeze(1) would export an If on the shape
         elif mode is Pooling.POOLER:
             vectors.append(pooler_output)
     return torch.cat(vectors, dim=-1) if len(vectors) > 1 else vectors[0]
