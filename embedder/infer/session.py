@@ -77,7 +77,7 @@ def open_session(graph: Path, kind: DeviceKind, index: int = 0, threads: int | N
     try:
         session = _session(ort, graph, providers, threads)
     except Exception as e:  # onnxruntime raises its own RuntimeError subclasses (e.g. a CUDA failure)
-        return None, f"onnxruntime could not create a {kind.label} session: {first_line(e)}"
+        return None, f"onnxruntime could not create a session on {kind.label}: {first_line(e)}"
     if session.get_providers()[0] != kind.provider:
         return None, (f"onnxruntime's {kind.provider} did not load (for CUDA: an NVIDIA driver, CUDA 13 and cuDNN 9 "
                       "libraries on the library path; onnxruntime logged the details above)")
