@@ -380,11 +380,18 @@ def main() -> int:
             figures = {"error": f"{type(e).__name__}: {e}"}
         check.record("precision_profile", figures)
         for name, variables in ATTENTION_VARIANTS.items():
+            # onnxruntime prints the attention kernel each node runs with this variable set
             proc = check.run(f"attention_{name}", [sys.executable, "scripts/gpu_check.py", "--out", str(args.out),
                                                    "--time-graphs", "--cache-dir", str(args.cache_dir)],
-                             timeout=min(60, check.left() - 200), env=variables)
-            figures[f"attention_{name}"] = ({"env": variables, **json.loads(proc.stdout.strip().splitlines()[-1])}
-                                            if proc is not None and proc.returncode == 0 else {"error": "see the log"})
+                             timeout=min(60, check.left() - 200),
+                             env={**variables, "ORT_ENABLE_ATTENTION_KERNEL_DEBUG_INFO": "1"})
+            if proc is not None and proc.returncode == 0:
+                lines = proc.stdout.strip().splitlines()
+                kernels = sorted({re.sub(r"\x1b\[[0-9;]*m|Node=\S+ ", "", line) for line in lines if "SdpaKernel=" in line})
+                timing = next(line for line in reversed(lines) if line.startswith("{"))
+                figures[f"attention_{name}"] = {"env": variables, "kernels": kernels, **json.loads(timing)}
+            else:
+                figures[f"attention_{name}"] = {"env": variables, "error": "see the log"}
             check.record("precision_profile", figures)
 
     if "io_binding" in steps and check.left() > 40 and args.device != "cpu":
