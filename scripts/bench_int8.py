@@ -1,10 +1,13 @@
 """int8 quantization variants of the default model's CPU graph against fp32: speed, quality, time per operator.
 
     python scripts/bench_int8.py --rows 1500 --variants s8,s8-reduce-range,s8-per-tensor,u8 --profile
+    python scripts/bench_int8.py --rows 1000 --variants s8,per-token --keep-fp32 attention/self/value,attention/self/key
 
-Every weight MatMul quantized with onnxruntime's quantize_dynamic, one variant per choice the int8 export
-weighs (weight type, per-channel scales, reduce_range: AVX2 without VNNI multiplies u8 x s8 with vpmaddubsw,
-whose int16 pair sums can saturate; 7-bit weights avoid it). All graphs run the same docstring batches at the
+Every weight MatMul quantized (but those whose names contain a --keep-fp32 part), one variant per choice the
+int8 export weighs: onnxruntime's quantize_dynamic (weight type, per-channel scales, reduce_range: AVX2 without
+VNNI multiplies u8 x s8 with vpmaddubsw, whose int16 pair sums can saturate; 7-bit weights avoid it), whose
+activations share one scale per batch, and `per-token`, a graph rewrite giving each token's activations a scale
+of their own (per_token_int8 below). All graphs run the same docstring batches at the
 CPU's token budget in alternating rounds (bench_common.paired_rates); quality is min and mean cosine against
 fp32 over those rows; --profile adds onnxruntime's share of kernel time per operator type. Prints one JSON line
 with the CPU's ISA kind.
@@ -26,13 +29,69 @@ VARIANTS = {
     "s8-reduce-range": {"weight_type": "QInt8", "per_channel": True, "reduce_range": True},
     "s8-per-tensor": {"weight_type": "QInt8", "per_channel": False},
     "u8": {"weight_type": "QUInt8", "per_channel": True},
+    "per-token": None,  # per_token_int8
 }
+
+
+def per_token_int8(src: Path, dst: Path, nodes: list[str]) -> None:
+    """src with these MatMuls in int8, each token's activations scaled on their own.
+
+    For each input the MatMuls share: s = max|x| / 127 per row, q = QuantizeLinear(x / s, 1, 128) (u8, symmetric
+    about 128); per MatMul MatMulIntegerToFloat(q, W8, 1, w_scale) * s, W8 the s8 weights with one scale per
+    output column. onnxruntime's dynamic quantization instead gives the batch one scale, so one token's outlier
+    channel coarsens every other token's rounding.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(src))
+    graph = model.graph
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    weights = {t.name: t for t in graph.initializer}
+    groups: dict[str, list] = {}
+    for node in graph.node:
+        if node.name in set(nodes):
+            groups.setdefault(node.input[0], []).append(node)
+    added = [numpy_helper.from_array(np.array(v, dtype), name) for name, v, dtype in
+             (("pt_one", 1.0, np.float32), ("pt_127", 127.0, np.float32), ("pt_tiny", 1e-12, np.float32),
+              ("pt_zero_point", 128, np.uint8), ("pt_last_axis", [-1], np.int64))]
+    replacement: dict[str, list] = {}
+    for index, (x, members) in enumerate(groups.items()):
+        p = f"pt{index}_"
+        row_max = (helper.make_node("ReduceMax", [p + "abs"], [p + "max"], axes=[-1], keepdims=1) if opset < 18 else
+                   helper.make_node("ReduceMax", [p + "abs", "pt_last_axis"], [p + "max"], keepdims=1))
+        prelude = [helper.make_node("Abs", [x], [p + "abs"]), row_max,
+                   helper.make_node("Div", [p + "max", "pt_127"], [p + "raw_scale"]),
+                   helper.make_node("Max", [p + "raw_scale", "pt_tiny"], [p + "scale"]),
+                   helper.make_node("Div", [x, p + "scale"], [p + "scaled"]),
+                   helper.make_node("QuantizeLinear", [p + "scaled", "pt_one", "pt_zero_point"], [p + "q"])]
+        for j, node in enumerate(members):
+            w = numpy_helper.to_array(weights[node.input[1]]).astype(np.float32)
+            w_scale = (np.maximum(np.abs(w).max(axis=0), 1e-12) / 127).astype(np.float32)
+            name = f"{p}{j}_"
+            added += [numpy_helper.from_array(np.clip(np.round(w / w_scale), -127, 127).astype(np.int8), name + "w"),
+                      numpy_helper.from_array(w_scale, name + "w_scale")]
+            replacement[node.name] = (prelude if j == 0 else []) + [
+                helper.make_node("MatMulIntegerToFloat", [p + "q", name + "w", "pt_one", name + "w_scale",
+                                                         "pt_zero_point"], [name + "y"], domain="com.microsoft"),
+                helper.make_node("Mul", [name + "y", p + "scale"], [node.output[0]])]
+    rewritten = [new for node in graph.node for new in replacement.get(node.name, [node])]
+    del graph.node[:]
+    graph.node.extend(rewritten)
+    read = {name for node in graph.node for name in node.input}
+    kept = [t for t in [*graph.initializer, *added] if t.name in read]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    onnx.save(model, str(dst))
 
 
 def main() -> int:
     from bench_common import default_model_rows, kernel_share, padded_batches, paired_rates  # repository on sys.path
 
-    from embedder.build.gate import row_cosines
+    from embedder.build.gate import domains, row_cosines
+    from embedder.infer.tokenize import TextTokenizer
     from embedder.build.isa import describe
     from embedder.infer.devices import DEVICE_KINDS
 
@@ -42,6 +101,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--keep-fp32", default="", help="comma list of name parts: MatMuls whose name holds one stay fp32")
     args = p.parse_args()
 
     import onnx
@@ -53,7 +113,9 @@ def main() -> int:
     fp32 = artifact.graphs["cpu"]
     graph = onnx.load(str(fp32)).graph
     weights = {t.name for t in graph.initializer}
-    nodes = [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    kept = [part for part in args.keep_fp32.split(",") if part]
+    nodes = [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights
+             and not any(part in n.name for part in kept)]
 
     def session(path: Path, profile: bool = False):
         options = ort.SessionOptions()
@@ -72,6 +134,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="embedder-int8-") as tmp:
         graphs = {"fp32": fp32}
         for name in args.variants.split(","):
+            if VARIANTS[name] is None:
+                graphs[name] = Path(tmp) / f"{name}.onnx"
+                per_token_int8(fp32, graphs[name], nodes)
+                continue
             options = dict(VARIANTS[name])
             options["weight_type"] = getattr(QuantType, options["weight_type"])
             graphs[name] = Path(tmp) / f"{name}.onnx"
@@ -84,13 +150,22 @@ def main() -> int:
         rates = paired_rates({name: (lambda s=s: [s.run(None, feeds(b, inputs)) for b in batches])
                               for name, s in sessions.items()}, int(tokens.lengths.sum()), args.repeats)
         result = {"isa": describe(), "rows": len(tokens.lengths), "threads": args.threads, "quantized": len(nodes),
-                  "variants": {}}
+                  "kept_fp32": kept, "variants": {}}
+        # The export's gate: min cosine on each domain's report texts (the hard one is the multilingual mix).
+        tokenizer = TextTokenizer(artifact.tokenizer_path, artifact.manifest.max_seq_length)
+        gate = {}
+        for domain in domains():
+            domain_batches = padded_batches(artifact, tokenizer.encode(list(domain.gate)), 1024)
+            runs = {name: np.concatenate([s.run(None, feeds(b, inputs))[0] for b in domain_batches])
+                    for name, s in sessions.items()}
+            gate[domain.name] = {name: round(float(row_cosines(v, runs["fp32"]).min()), 4) for name, v in runs.items()}
         for name, path in graphs.items():
             cosines = row_cosines(vectors[name], vectors["fp32"])
             result["variants"][name] = {
                 "tokens_per_second": round(float(np.median(rates[name])), 1),
                 "ratio_to_fp32": round(float(np.median(np.array(rates[name]) / np.array(rates["fp32"]))), 3),
-                "min_cosine": round(float(cosines.min()), 5), "mean_cosine": round(float(cosines.mean()), 6)}
+                "min_cosine": round(float(cosines.min()), 5), "mean_cosine": round(float(cosines.mean()), 6),
+                "gate_min_cosine": {domain: by_variant[name] for domain, by_variant in gate.items()}}
             if args.profile:
                 profiled = session(path, profile=True)
                 for batch in batches:
