@@ -63,9 +63,10 @@ def run_all(encoder, batches: list) -> None:
         encoder(batch.input_ids, batch.attention_mask)
 
 
-def kernel_share(session) -> tuple[float, dict[str, float]]:
+def kernel_share(session, by_provider: bool = False) -> tuple[float, dict[str, float]]:
     """(kernel seconds, share of kernel time per operator type, largest first) of a session run with profiling on;
-    ends its profiling and removes the trace."""
+    ends its profiling and removes the trace. by_provider keys the shares "op@provider" (a node on the CPU
+    within a CUDA session shows as such)."""
     trace = session.end_profiling()
     with open(trace) as f:
         events = json.load(f)
@@ -73,6 +74,7 @@ def kernel_share(session) -> tuple[float, dict[str, float]]:
     by_op: collections.Counter = collections.Counter()
     for event in events:
         if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-            by_op[event["args"]["op_name"]] += event["dur"]
-    total = sum(by_op.values())
-    return total / 1e6, {op: round(t / total, 3) for op, t in by_op.most_common()}
+            args = event["args"]
+            by_op[f"{args['op_name']}@{args.get('provider', '?')}" if by_provider else args["op_name"]] += event["dur"]
+    total = sum(by_op.values()) or 1
+    return total / 1e6, {op: round(t / total, 4) for op, t in by_op.most_common()}

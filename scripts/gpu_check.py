@@ -225,7 +225,7 @@ def precision_profile(cache: Path, rows: int, profile: bool = True) -> dict:
     import numpy as np
     import onnx
     import onnxruntime as ort
-    from bench_common import padded_batches
+    from bench_common import kernel_share, padded_batches
 
     from embedder import ExportOptions, get_or_export, load_spec
     from embedder.infer.devices import CUDA, DEVICE_KINDS, cuda_options
@@ -269,20 +269,12 @@ def precision_profile(cache: Path, rows: int, profile: bool = True) -> dict:
                               "novel_shapes_seconds": novel, "novel_shapes_tokens_per_second": real / novel}
         if not profile:
             continue
-        trace = session.end_profiling()
-        with open(trace) as f:
-            events = json.load(f)
-        os.remove(trace)
-        by_op: collections.Counter = collections.Counter()
-        for event in events:
-            if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-                by_op[f"{event['args'].get('op_name')}@{event['args'].get('provider', '?')}"] += event["dur"]
-        total = sum(by_op.values()) or 1
+        kernel_seconds, share = kernel_share(session, by_provider=True)
         optimized = onnx.load(options.optimized_model_filepath, load_external_data=False)
         source_ops = collections.Counter(n.op_type for n in onnx.load(str(graph), load_external_data=False).graph.node)
         figures[precision] |= {
-            "kernel_share": {k: round(v / total, 4) for k, v in by_op.most_common(25)},
-            "kernel_seconds_profiled_runs": total / 1e6,
+            "kernel_share": dict(list(share.items())[:25]),
+            "kernel_seconds_profiled_runs": kernel_seconds,
             "source_ops": dict(source_ops.most_common()),
             "optimized_ops": dict(collections.Counter(n.op_type for n in optimized.graph.node).most_common()),
         }
