@@ -76,5 +76,5 @@ def kernel_share(session, by_provider: bool = False) -> tuple[float, dict[str, f
         if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
             args = event["args"]
             by_op[f"{args['op_name']}@{args.get('provider', '?')}" if by_provider else args["op_name"]] += event["dur"]
-    total = sum(by_op.values()) or 1
-    return total / 1e6, {op: round(t / total, 4) for op, t in by_op.most_common()}
+    total = sum(by_op.values())
+    return total / 1e6, {op: round(t / max(total, 1), 4) for op, t in by_op.most_common()}

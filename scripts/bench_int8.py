@@ -29,15 +29,19 @@ VARIANTS = {
     "s8-reduce-range": {"weight_type": "QInt8", "per_channel": True, "reduce_range": True},
     "s8-per-tensor": {"weight_type": "QInt8", "per_channel": False},
     "u8": {"weight_type": "QUInt8", "per_channel": True},
-    "per-token": None,  # per_token_int8
+    # per_token_int8: u8 activations about 128 (on AVX2 without VNNI, vpmaddubsw's int16 pair sums of u8 x s8 can
+    # saturate), or s8 activations (no offset, no saturation; onnxruntime's CPU kernel for s8 x s8 ran at 0.32x
+    # fp32 on AVX2 Zen 3: measure it where VNNI is).
+    "per-token": None,
+    "per-token-s8": None,
 }
 
 
-def per_token_int8(src: Path, dst: Path, nodes: list[str]) -> None:
+def per_token_int8(src: Path, dst: Path, nodes: list[str], signed: bool = False) -> None:
     """src with these MatMuls in int8, each token's activations scaled on their own.
 
     For each input the MatMuls share: s = max|x| / 127 per row, q = QuantizeLinear(x / s, 1, 128) (u8, symmetric
-    about 128); per MatMul MatMulIntegerToFloat(q, W8, 1, w_scale) * s, W8 the s8 weights with one scale per
+    about 128; signed: s8 about 0); per MatMul MatMulIntegerToFloat(q, W8, 1, w_scale) * s, W8 the s8 weights with one scale per
     output column. onnxruntime's dynamic quantization instead gives the batch one scale, so one token's outlier
     channel coarsens every other token's rounding.
     """
@@ -49,12 +53,14 @@ def per_token_int8(src: Path, dst: Path, nodes: list[str]) -> None:
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     weights = {t.name: t for t in graph.initializer}
     groups: dict[str, list] = {}
+    chosen = set(nodes)
     for node in graph.node:
-        if node.name in set(nodes):
+        if node.name in chosen:
             groups.setdefault(node.input[0], []).append(node)
     added = [numpy_helper.from_array(np.array(v, dtype), name) for name, v, dtype in
              (("pt_one", 1.0, np.float32), ("pt_127", 127.0, np.float32), ("pt_tiny", 1e-12, np.float32),
-              ("pt_zero_point", 128, np.uint8), ("pt_last_axis", [-1], np.int64))]
+              ("pt_zero_point", 0 if signed else 128, np.int8 if signed else np.uint8),
+              ("pt_last_axis", [-1], np.int64))]
     replacement: dict[str, list] = {}
     for index, (x, members) in enumerate(groups.items()):
         p = f"pt{index}_"
@@ -136,7 +142,7 @@ def main() -> int:
         for name in args.variants.split(","):
             if VARIANTS[name] is None:
                 graphs[name] = Path(tmp) / f"{name}.onnx"
-                per_token_int8(fp32, graphs[name], nodes)
+                per_token_int8(fp32, graphs[name], nodes, signed=name.endswith("-s8"))
                 continue
             options = dict(VARIANTS[name])
             options["weight_type"] = getattr(QuantType, options["weight_type"])

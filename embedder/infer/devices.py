@@ -97,8 +97,8 @@ class DeviceKind:
 DEVICE_KINDS: dict[str, DeviceKind] = {
     "cuda": DeviceKind(
         "cuda", "CUDA", CUDA, precisions=("fp32", "fp16"),
-        # A GPU wants large batches to fill its cores. On an H200 (bench/gpu_results.json) fp32 ran 357,000
-        # tokens/s at 16384 against 328,000 at 65536 (MiniLM) and 131,600 against 129,700 (BERT-base shape).
+        # A GPU wants large batches to fill its cores. On an H200 (README Speed) fp32 ran 357,000 tokens/s at
+        # 16384 against 328,000 at 65536 (MiniLM) and 131,600 against 129,700 (BERT-base shape).
         default_max_tokens=16384,
         # The first run loads kernels and grows the memory arena: once, at the peak shape, before the timed batches.
         warm_up=True, indexed=True, problem=cuda_problem, options=cuda_options, prepare=preload_cuda_libraries,
