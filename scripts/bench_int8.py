@@ -161,7 +161,8 @@ def main() -> int:
         tokenizer = TextTokenizer(artifact.tokenizer_path, artifact.manifest.max_seq_length)
         gate = {}
         for domain in domains():
-            domain_batches = padded_batches(artifact, tokenizer.encode(list(domain.gate)), 1024)
+            domain_batches = padded_batches(artifact, tokenizer.encode(list(domain.gate)),
+                                            DEVICE_KINDS["cpu"].default_max_tokens)
             runs = {name: np.concatenate([s.run(None, feeds(b, inputs))[0] for b in domain_batches])
                     for name, s in sessions.items()}
             gate[domain.name] = {name: round(float(row_cosines(v, runs["fp32"]).min()), 4) for name, v in runs.items()}
