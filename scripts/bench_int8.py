@@ -34,15 +34,23 @@ VARIANTS = {
     # fp32 on AVX2 Zen 3: measure it where VNNI is).
     "per-token": None,
     "per-token-s8": None,
+    # u8 x u8 (weights u8 about 128 too): MLAS multiplies these in int16 (vpmaddwd), so nothing saturates on AVX2.
+    "per-token-u8u8": None,
+    # -ft: the first token's products in fp32 (below).
+    "per-token-ft": None,
+    "per-token-u8u8-ft": None,
+    # one scale per batch (DynamicQuantizeLinear) over tokens 1.., the first token's products in fp32
+    "batch-ft": None,
 }
 
 
-def per_token_int8(src: Path, dst: Path, nodes: list[str], signed: bool = False) -> None:
+def per_token_int8(src: Path, dst: Path, nodes: list[str], signed: bool = False, u8_weights: bool = False,
+                   first_token_fp32: bool = False, per_batch: bool = False) -> None:
     """src with these MatMuls in int8, each token's activations scaled on their own.
 
     For each input the MatMuls share: s = max|x| / 127 per row, q = QuantizeLinear(x / s, 1, 128) (u8, symmetric
     about 128; signed: s8 about 0); per MatMul MatMulIntegerToFloat(q, W8, 1, w_scale) * s, W8 the s8 weights with one scale per
-    output column. onnxruntime's dynamic quantization instead gives the batch one scale, so one token's outlier
+    output column (u8_weights: the same values + 128, zero point 128). onnxruntime's dynamic quantization instead gives the batch one scale, so one token's outlier
     channel coarsens every other token's rounding.
     """
     import onnx
@@ -60,27 +68,50 @@ def per_token_int8(src: Path, dst: Path, nodes: list[str], signed: bool = False)
     added = [numpy_helper.from_array(np.array(v, dtype), name) for name, v, dtype in
              (("pt_one", 1.0, np.float32), ("pt_127", 127.0, np.float32), ("pt_tiny", 1e-12, np.float32),
               ("pt_zero_point", 0 if signed else 128, np.int8 if signed else np.uint8),
-              ("pt_last_axis", [-1], np.int64))]
+              ("pt_w_zero_point", 128 if u8_weights else 0, np.uint8 if u8_weights else np.int8),
+              ("pt_last_axis", [-1], np.int64), ("pt_0", [0], np.int64), ("pt_1", [1], np.int64),
+              ("pt_end", [2**62], np.int64))]
     replacement: dict[str, list] = {}
     for index, (x, members) in enumerate(groups.items()):
         p = f"pt{index}_"
-        row_max = (helper.make_node("ReduceMax", [p + "abs"], [p + "max"], axes=[-1], keepdims=1) if opset < 18 else
-                   helper.make_node("ReduceMax", [p + "abs", "pt_last_axis"], [p + "max"], keepdims=1))
-        prelude = [helper.make_node("Abs", [x], [p + "abs"]), row_max,
-                   helper.make_node("Div", [p + "max", "pt_127"], [p + "raw_scale"]),
-                   helper.make_node("Max", [p + "raw_scale", "pt_tiny"], [p + "scale"]),
-                   helper.make_node("Div", [x, p + "scale"], [p + "scaled"]),
-                   helper.make_node("QuantizeLinear", [p + "scaled", "pt_one", "pt_zero_point"], [p + "q"])]
+        if per_batch:
+            rest = p + "x_rest" if first_token_fp32 else x
+            prelude = [helper.make_node("Slice", [x, "pt_1", "pt_end", "pt_1"], [rest])] if first_token_fp32 else []
+            prelude += [helper.make_node("Slice", [x, "pt_0", "pt_1", "pt_1"], [p + "x0"])] if first_token_fp32 else []
+            prelude.append(helper.make_node("DynamicQuantizeLinear", [rest], [p + "q", p + "a_scale", p + "a_zero"]))
+            q, scale, a_scale, a_zero = p + "q", None, p + "a_scale", p + "a_zero"
+        else:
+            row_max = (helper.make_node("ReduceMax", [p + "abs"], [p + "max"], axes=[-1], keepdims=1) if opset < 18 else
+                       helper.make_node("ReduceMax", [p + "abs", "pt_last_axis"], [p + "max"], keepdims=1))
+            prelude = [helper.make_node("Abs", [x], [p + "abs"]), row_max,
+                       helper.make_node("Div", [p + "max", "pt_127"], [p + "raw_scale"]),
+                       helper.make_node("Max", [p + "raw_scale", "pt_tiny"], [p + "scale"]),
+                       helper.make_node("Div", [x, p + "scale"], [p + "scaled"]),
+                       helper.make_node("QuantizeLinear", [p + "scaled", "pt_one", "pt_zero_point"], [p + "q"])]
+            q, scale, a_scale, a_zero = p + "q", p + "scale", "pt_one", "pt_zero_point"
+            if first_token_fp32:  # int8 for tokens 1.., the first token's row through the fp32 weights
+                prelude += [helper.make_node("Slice", [p + "q", "pt_1", "pt_end", "pt_1"], [p + "q_rest"]),
+                            helper.make_node("Slice", [p + "scale", "pt_1", "pt_end", "pt_1"], [p + "scale_rest"]),
+                            helper.make_node("Slice", [x, "pt_0", "pt_1", "pt_1"], [p + "x0"])]
+                q, scale = p + "q_rest", p + "scale_rest"
         for j, node in enumerate(members):
             w = numpy_helper.to_array(weights[node.input[1]]).astype(np.float32)
             w_scale = (np.maximum(np.abs(w).max(axis=0), 1e-12) / 127).astype(np.float32)
             name = f"{p}{j}_"
-            added += [numpy_helper.from_array(np.clip(np.round(w / w_scale), -127, 127).astype(np.int8), name + "w"),
+            w8 = np.clip(np.round(w / w_scale), -127, 127)
+            w8 = (w8 + 128).astype(np.uint8) if u8_weights else w8.astype(np.int8)
+            added += [numpy_helper.from_array(w8, name + "w"),
                       numpy_helper.from_array(w_scale, name + "w_scale")]
+            out = name + "rest" if first_token_fp32 else node.output[0]
             replacement[node.name] = (prelude if j == 0 else []) + [
-                helper.make_node("MatMulIntegerToFloat", [p + "q", name + "w", "pt_one", name + "w_scale",
-                                                         "pt_zero_point"], [name + "y"], domain="com.microsoft"),
-                helper.make_node("Mul", [name + "y", p + "scale"], [node.output[0]])]
+                helper.make_node("MatMulIntegerToFloat", [q, name + "w", a_scale, name + "w_scale",
+                                                         a_zero, "pt_w_zero_point"], [name + "y" if scale else out],
+                                 domain="com.microsoft")]
+            if scale:
+                replacement[node.name].append(helper.make_node("Mul", [name + "y", scale], [out]))
+            if first_token_fp32:
+                replacement[node.name] += [helper.make_node("MatMul", [p + "x0", node.input[1]], [name + "y0"]),
+                                           helper.make_node("Concat", [name + "y0", out], [node.output[0]], axis=1)]
     rewritten = [new for node in graph.node for new in replacement.get(node.name, [node])]
     del graph.node[:]
     graph.node.extend(rewritten)
@@ -107,6 +138,8 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--max-tokens", type=int, default=DEVICE_KINDS["cpu"].default_max_tokens,
+                   help="token budget per batch (default: the job's for the CPU)")
     p.add_argument("--keep-fp32", default="", help="comma list of name parts: MatMuls whose name holds one stay fp32")
     args = p.parse_args()
 
@@ -115,7 +148,7 @@ def main() -> int:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     artifact, tokens = default_model_rows(args.rows)
-    batches = padded_batches(artifact, tokens, DEVICE_KINDS["cpu"].default_max_tokens)
+    batches = padded_batches(artifact, tokens, args.max_tokens)
     fp32 = artifact.graphs["cpu"]
     graph = onnx.load(str(fp32)).graph
     weights = {t.name for t in graph.initializer}
@@ -142,7 +175,8 @@ def main() -> int:
         for name in args.variants.split(","):
             if VARIANTS[name] is None:
                 graphs[name] = Path(tmp) / f"{name}.onnx"
-                per_token_int8(fp32, graphs[name], nodes, signed=name.endswith("-s8"))
+                per_token_int8(fp32, graphs[name], nodes, signed=name.endswith("-s8"), u8_weights="u8u8" in name,
+                               first_token_fp32=name.endswith("-ft"), per_batch=name.startswith("batch"))
                 continue
             options = dict(VARIANTS[name])
             options["weight_type"] = getattr(QuantType, options["weight_type"])
