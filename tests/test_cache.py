@@ -78,8 +78,19 @@ def test_model_key_changes_with_every_choice_that_shapes_the_graph(tmp_path):
         model_key(spec.with_pooling((Pooling.CLS,)), ExportOptions(), "content"),
         model_key(spec, ExportOptions(normalize=False), "content"),
         model_key(spec, ExportOptions(opset=18), "content"),
+        model_key(spec, ExportOptions(precision="int8"), "content"),
     ]
     assert len({base, *variants}) == 1 + len(variants)
+
+
+def test_a_new_int8_rewrite_retires_int8_entries_only(tmp_path, monkeypatch):
+    from embedder.build import cache
+
+    spec = load_spec(str(write_spec_folder(tmp_path / "m", pooling_config={"pooling_mode": "mean"})))
+    before = {p: model_key(spec, ExportOptions(precision=p), "content") for p in ("fp32", "int8")}
+    monkeypatch.setattr(cache, "INT8_FORMAT", cache.INT8_FORMAT + 1)
+    after = {p: model_key(spec, ExportOptions(precision=p), "content") for p in ("fp32", "int8")}
+    assert after["fp32"] == before["fp32"] and after["int8"] != before["int8"]
 
 
 @pytest.mark.parametrize("options", [{"precision": "int4"}, {"opset": 13}, {"opset": 21}])

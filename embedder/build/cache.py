@@ -22,6 +22,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from embedder.build.int8_graph import INT8_FORMAT
 from embedder.build.isa import note_int8_host
 from embedder.config import ExportOptions
 from embedder.errors import ExportError
@@ -63,6 +64,8 @@ def model_key(spec: ModelSpec, options: ExportOptions, content_hash: str) -> str
             "do_lower_case": spec.do_lower_case,
             "precision": options.precision,
             "opset": options.opset,
+            # Only int8 keys change with its rewrite: fp32 and fp16 entries stay valid.
+            **({"int8_format": INT8_FORMAT} if options.precision == "int8" else {}),
         }
     )
 

@@ -1,20 +1,20 @@
-"""int8 graphs for the CPU that keep quality: dynamic int8 (u8 activations, s8 per-channel weights), the
-sensitive MatMuls left in fp32, calibrated on one sample of real text and gated on another.
+"""int8 graphs for the CPU that keep quality: every weight MatMul int8 with activations scaled per token and
+each text's first token in fp32 (embedder.build.int8_graph), the sensitive ones left in fp32 only where the
+calibration sample asks for it, gated on another sample.
 
-Quantizing every weight MatMul of all-MiniLM-L6-v2 dropped some rows to cosine 0.96-0.976 against fp32: one
-scale per tensor for the activations cannot cover their outliers. The error is spread over many products, not
-a few: on the three-domain calibration sample 22-23 of the 36 had to stay fp32 for min cosine 0.995. Their
-order is measured in one pass: the fp32 graph runs the calibration texts once with every candidate's input
-exposed, and each product's own int8 error is computed in numpy from those inputs (the same rounding
-onnxruntime does). The worst are kept in fp32, as few as reach the calibration target (a bisection over how
-many: about log2(MatMuls) quantize-and-run trials, not one per MatMul). The result must then pass the gate on
-each domain's report texts, which the search never saw, or the export refuses. Last, the export times int8
+The search: the fp32 graph runs the calibration texts once with every candidate's input exposed, and each
+product's own int8 error is computed in numpy from those inputs (the rewrite's rounding). Everything int8 is
+tried first, the usual answer (all-MiniLM-L6-v2: calibration and gate above 0.995 with all 36 MatMuls int8);
+if it misses the calibration target, the worst products go back to fp32, as few as reach it (a bisection over
+how many: about log2(MatMuls) quantize-and-run trials, not one per MatMul). The result must then pass the gate
+on each domain's report texts, which the search never saw, or the export refuses. Last, the export times int8
 against fp32 on this CPU and records the ratio with the ISA (embedder.build.isa).
 
-Measured on AVX2 (Zen 3, no VNNI), 1,500 docstring rows, every weight MatMul quantized (scripts/bench_int8.py):
-s8 per-channel weights 1.28-1.30x fp32; reduce_range (7-bit weights, no vpmaddubsw
-saturation) 1.12-1.36x and no better quality (min cosine 0.970 vs 0.976: the error is the activations'
-outliers, not saturation); u8 weights 0.8-0.9x; per-tensor weights min cosine 0.90.
+Measured on AVX2 (Zen 3, no VNNI), 1,000 docstring rows, every weight MatMul int8 (scripts/bench_int8.py):
+onnxruntime's quantize_dynamic (one activation scale per batch) 1.45-1.63x fp32 but min cosine 0.967 on the
+gate's multilingual mix (it used to keep 22-23 of 36 MatMuls in fp32 for that, and ran at ~1.1x); this
+rewrite 1.13-1.26x at 0.996. int8 products on AVX2 run only 1.7-2.3x faster than fp32 ones there
+(vpmaddubsw), so the per-token steps around them cost a large share; VNNI's are several times faster.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from embedder.build.gate import domains, row_cosines
+from embedder.build.int8_graph import METHOD, quantize_weights, rewrite_int8, round_trip
 from embedder.build.isa import FASTER_RATIO, describe
 from embedder.errors import ExportError
 
@@ -38,9 +39,6 @@ _CALIBRATION_MARGIN = 0.5  # of the allowed error (1 - MIN_COSINE): 0.995 for a 
 _SPEED_ROUNDS = 4
 _SENSITIVITY_TOKENS = 256  # token rows per batch whose products the ranking computes
 _SPEED_TEXTS = 96
-
-METHOD = ("dynamic int8 (onnxruntime quantize_dynamic): u8 activations per tensor, s8 weights per output channel, "
-          "no reduce_range")
 
 Feeds = Callable[[list[str], int], list[dict]]  # texts, batch size -> the graph's input batches (length-sorted)
 
@@ -65,7 +63,7 @@ def quantize_int8(graph_path: Path, feeds_for: Feeds, min_cosine: float | None =
         raise ExportError("int8: the graph has no MatMul with a weight matrix to quantize; use --precision fp32")
     logger.info("int8: ranking %d MatMuls by their own int8 error on %d calibration texts (one fp32 pass)",
                 len(candidates), len(calibration))
-    errors = _sensitivity(graph_path, candidates, weights, feeds_for(calibration, 16))
+    errors, token_level = _sensitivity(graph_path, candidates, weights, feeds_for(calibration, 16))
     # Ranked by error alone: ranked per weight element (keeping the cheap attention products in fp32 first) it
     # needed 32 of 36 in fp32 instead of 22 on all-MiniLM-L6-v2, and ran slower.
     ranked = sorted((n.name for n in candidates), key=lambda name: errors[name], reverse=True)
@@ -75,7 +73,7 @@ def quantize_int8(graph_path: Path, feeds_for: Feeds, min_cosine: float | None =
 
     def passes(fp32_count: int) -> bool:
         kept = ranked[fp32_count:]
-        _quantize(graph_path, trial, kept)
+        rewrite_int8(graph_path, trial, kept, token_level)
         worst = float(row_cosines(run(trial, calib_feeds), reference).min())
         trials.append({"fp32_nodes": fp32_count, "calibration_min_cosine": round(worst, 6)})
         logger.info("int8: %d of %d MatMuls in fp32: calibration min cosine %.5f (target %.4f) [%.0f s]", fp32_count,
@@ -88,7 +86,7 @@ def quantize_int8(graph_path: Path, feeds_for: Feeds, min_cosine: float | None =
             raise ExportError(f"int8 quantization cannot reach min cosine {min_cosine} against fp32 even with one "
                               "MatMul quantized; use --precision fp32")
         excluded, kept = ranked[:count], ranked[count:]
-        _quantize(graph_path, trial, kept)
+        rewrite_int8(graph_path, trial, kept, token_level)
         gate = _gate(run, graph_path, trial, sample, feeds_for, min_cosine)
         speed = _speed(graph_path, trial, feeds_for(list(sample[0].gate[:_SPEED_TEXTS]), 32))
         trial.replace(graph_path)
@@ -137,21 +135,12 @@ class _Runner:
         return np.concatenate([session.run(["sentence_embedding"], f)[0] for f in feeds])
 
 
-def _quantize(src: Path, dst: Path, nodes: list[str]) -> None:
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    if not nodes:  # an empty list would mean "every node" to quantize_dynamic
-        raise ValueError("no node to quantize")
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, nodes_to_quantize=nodes,
-                     # Fused contrib ops hide some tensor types from shape inference.
-                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-
-
 def _fewest(passes: Callable[[int], bool], most: int) -> int | None:
-    """The smallest n in 0..most with passes(n), by bisection, assuming more fp32 nodes never hurt (about log2(most)
-    trials: 6 for all-MiniLM-L6-v2's 36 MatMuls); None if passes(most) is False."""
-    low, high = -1, most + 1  # passes(low) taken as False, passes(high) as True (everything fp32)
+    """The smallest n in 0..most with passes(n): 0 first (the usual answer, one trial), then by bisection, assuming
+    more fp32 nodes never hurt (1 + about log2(most) trials: 7 for 36 MatMuls); None if passes(most) is False."""
+    if passes(0):
+        return 0
+    low, high = 0, most + 1  # passes(high) taken as True (everything fp32)
     while high - low > 1:
         middle = (low + high) // 2
         if passes(middle):
@@ -161,12 +150,9 @@ def _fewest(passes: Callable[[int], bool], most: int) -> int | None:
     return high if high <= most else None
 
 
-def _sensitivity(graph_path: Path, candidates: list, weights: dict, feeds: list[dict]) -> dict[str, float]:
-    """Each MatMul's relative output error with only itself in int8, worst over the batches, from one fp32 run.
-
-    The rounding is onnxruntime's: DynamicQuantizeLinear's u8 with a zero point over the whole input (padding
-    included), and s8 symmetric weights with one scale per output column.
-    """
+def _sensitivity(graph_path: Path, candidates: list, weights: dict, feeds: list[dict]) -> tuple[dict[str, float], set[str]]:
+    """(each MatMul's relative output error with only itself in int8, worst over the batches; the inputs shaped
+    [batch, tokens, hidden]), from one fp32 run. The rounding is the rewrite's (embedder.build.int8_graph)."""
     import onnx
     from onnx import numpy_helper
 
@@ -180,25 +166,25 @@ def _sensitivity(graph_path: Path, candidates: list, weights: dict, feeds: list[
         quantized = {}
         for node in candidates:
             w = numpy_helper.to_array(weights[node.input[1]]).astype(np.float32)
-            scale = np.maximum(np.abs(w).max(axis=0), 1e-12) / 127
-            quantized[node.name] = (w, np.clip(np.round(w / scale), -127, 127) * scale)
+            w8, scale = quantize_weights(w)
+            quantized[node.name] = (w, w8 * scale)
         errors = dict.fromkeys(quantized, 0.0)
+        token_level: set[str] = set()
         for feed in feeds:
             values = dict(zip(inputs, session.run(inputs, feed)))
+            token_level |= {name for name, value in values.items() if value.ndim == 3}
             for node in candidates:
-                x = values[node.input[0]].reshape(-1, values[node.input[0]].shape[-1])
+                x = values[node.input[0]]
+                xq = round_trip(x, first_token_apart=x.ndim == 3).reshape(-1, x.shape[-1])
+                x = x.reshape(-1, x.shape[-1])
+                sample = slice(None, None, max(1, len(x) // _SENSITIVITY_TOKENS))  # numpy is slow
                 w, wq = quantized[node.name]
-                low, high = min(float(x.min()), 0.0), max(float(x.max()), 0.0)  # the scale: over every token
-                x = x[:: max(1, len(x) // _SENSITIVITY_TOKENS)]  # the error: on a sample of them (numpy is slow)
-                scale = (high - low) / 255 or 1.0
-                zero = np.round(-low / scale)
-                xq = (np.clip(np.round(x / scale) + zero, 0, 255) - zero) * scale
-                y = x @ w
-                error = float(np.linalg.norm(xq @ wq - y) / (np.linalg.norm(y) + 1e-30))
+                y = x[sample] @ w
+                error = float(np.linalg.norm(xq[sample] @ wq - y) / (np.linalg.norm(y) + 1e-30))
                 errors[node.name] = max(errors[node.name], error)
     finally:
         probe.unlink(missing_ok=True)
-    return errors
+    return errors, token_level
 
 
 def _gate(run: _Runner, fp32: Path, int8: Path, sample, feeds_for: Feeds, min_cosine: float) -> dict:
