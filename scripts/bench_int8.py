@@ -1,17 +1,19 @@
 """int8 quantization variants of the default model's CPU graph against fp32: speed, quality, time per operator.
 
-    python scripts/bench_int8.py --rows 1500 --variants s8,s8-reduce-range,s8-per-tensor,u8 --profile
-    python scripts/bench_int8.py --rows 1000 --variants s8,per-token,per-token-first-int8 --keep-fp32 attention/self/value
+    python scripts/bench_int8.py --rows 1000 --variants per-token,smooth --profile
+    python scripts/bench_int8.py --rows 1500 --variants s8,s8-reduce-range,s8-per-tensor,u8
+    python scripts/bench_int8.py --rows 1000 --variants per-token,per-token-first-int8 --keep-fp32 attention/self/value
 
 Every weight MatMul quantized (but those whose names contain a --keep-fp32 part), one variant per choice the
 int8 export weighs: onnxruntime's quantize_dynamic (weight type, per-channel scales, reduce_range: AVX2 without
 VNNI multiplies u8 x s8 with vpmaddubsw, whose int16 pair sums can saturate; 7-bit weights avoid it), whose
-activations share one scale per batch, and `per-token`, the export's rewrite (embedder.build.int8_graph): a
-scale per token and the first token in fp32. Variants measured once and dropped since (u8 x u8 products,
-s8 activations, one batch scale with the first token apart) are runnable at commit 6c3c27d. All graphs run the same docstring batches at the
+activations share one scale per batch, and the export's rewrite (embedder.build.int8_graph), a scale per
+token: `per-token` (its first-token-fp32 recipe), `smooth` (its smoothed recipe, at --alpha) and both the
+other way round. Variants measured once and dropped since (u8 x u8 products, s8 activations, one batch scale
+with the first token apart) are runnable at commit 6c3c27d. All graphs run the same docstring batches at the
 CPU's token budget in alternating rounds (bench_common.paired_rates); quality is min and mean cosine against
-fp32 over those rows; --profile adds onnxruntime's share of kernel time per operator type. Prints one JSON line
-with the CPU's ISA kind.
+fp32 over those rows and the export gate's figures; --profile adds onnxruntime's share of kernel time per
+operator type. Prints one JSON line with the CPU's ISA kind.
 """
 
 from __future__ import annotations
@@ -30,10 +32,15 @@ VARIANTS = {
     "s8-reduce-range": {"weight_type": "QInt8", "per_channel": True, "reduce_range": True},
     "s8-per-tensor": {"weight_type": "QInt8", "per_channel": False},
     "u8": {"weight_type": "QUInt8", "per_channel": True},
-    # The export's rewrite (embedder.build.int8_graph): scales per token, the first token in fp32 ...
+    # The export's rewrite (embedder.build.int8_graph), scales per token: its recipe for AVX2, the first token
+    # in fp32 ...
     "per-token": None,
     # ... and with the first token in int8 too.
     "per-token-first-int8": None,
+    # Its recipe for VNNI: activation outlier channels moved into the weights (SmoothQuant), the first token in
+    # int8 ... and in fp32.
+    "smooth": None,
+    "smooth-ft": None,
 }
 
 
@@ -41,7 +48,7 @@ def main() -> int:
     from bench_common import default_model_rows, kernel_share, padded_batches, paired_rates  # repository on sys.path
 
     from embedder.build.gate import domains, row_cosines
-    from embedder.build.int8_graph import rewrite_int8
+    from embedder.build.int8_graph import rewrite_int8, smoothing_factors
     from embedder.build.isa import describe
     from embedder.infer.devices import DEVICE_KINDS
     from embedder.infer.tokenize import TextTokenizer
@@ -54,6 +61,7 @@ def main() -> int:
     p.add_argument("--profile", action="store_true")
     p.add_argument("--max-tokens", type=int, default=DEVICE_KINDS["cpu"].default_max_tokens,
                    help="token budget per batch (default: the job's for the CPU)")
+    p.add_argument("--alpha", type=float, default=0.6, help="SmoothQuant's alpha for the smooth variants")
     p.add_argument("--keep-fp32", default="", help="comma list of name parts: MatMuls whose name holds one stay fp32")
     args = p.parse_args()
 
@@ -85,14 +93,28 @@ def main() -> int:
                 "token_type_ids": np.zeros_like(batch.input_ids)}
         return {k: v for k, v in all_.items() if k in names}
 
+    def smoothing_for(path: Path, names: list[str]) -> dict:
+        from embedder.build.quantize import channel_max
+        calibration = [t for d in domains() for t in d.calibration]
+        tokenizer = TextTokenizer(artifact.tokenizer_path, artifact.manifest.max_seq_length)
+        batches = padded_batches(artifact, tokenizer.encode(calibration), args.max_tokens)
+        chosen = [n for n in graph.node if n.name in set(names)]
+        input_max, _ = channel_max(path, [n.input[0] for n in chosen],
+                                   [feeds(b, {i.name for i in graph.input}) for b in batches])
+        w = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+        return {x: smoothing_factors(m, [w[n.input[1]] for n in chosen if n.input[0] == x], args.alpha)
+                for x, m in input_max.items()}
+
     with tempfile.TemporaryDirectory(prefix="embedder-int8-") as tmp:
         graphs = {"fp32": fp32}
         for name in args.variants.split(","):
             if VARIANTS[name] is None:
                 graphs[name] = Path(tmp) / f"{name}.onnx"
                 # Every weight MatMul of the default model takes [batch, tokens, hidden].
-                token_level = set() if name == "per-token-first-int8" else {graph_inputs[n] for n in nodes}
-                rewrite_int8(fp32, graphs[name], nodes, token_level)
+                first_int8 = name in ("per-token-first-int8", "smooth")
+                token_level = set() if first_int8 else {graph_inputs[n] for n in nodes}
+                smoothing = smoothing_for(fp32, nodes) if name.startswith("smooth") else None
+                rewrite_int8(fp32, graphs[name], nodes, token_level, smoothing)
                 continue
             options = dict(VARIANTS[name])
             options["weight_type"] = getattr(QuantType, options["weight_type"])

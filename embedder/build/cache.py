@@ -22,8 +22,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from embedder.build.int8_graph import INT8_FORMAT
-from embedder.build.isa import note_int8_host
+from embedder.build.int8_graph import INT8_FORMAT, recipe_for
+from embedder.build.isa import isa_kind, note_int8_host
 from embedder.config import ExportOptions
 from embedder.errors import ExportError
 from embedder.manifest import MANIFEST_FILE, TOKENIZER_FILE, Artifact, Manifest
@@ -64,8 +64,10 @@ def model_key(spec: ModelSpec, options: ExportOptions, content_hash: str) -> str
             "do_lower_case": spec.do_lower_case,
             "precision": options.precision,
             "opset": options.opset,
-            # Only int8 keys change with its rewrite: fp32 and fp16 entries stay valid.
-            **({"int8_format": INT8_FORMAT} if options.precision == "int8" else {}),
+            # Only int8 keys change with its rewrite: fp32 and fp16 entries stay valid. The recipe follows the
+            # CPU kind: a graph smoothed for VNNI saturates AVX2's int8 products, so each kind has its own entry.
+            **({"int8_format": INT8_FORMAT, "int8_recipe": recipe_for(isa_kind()).name}
+               if options.precision == "int8" else {}),
         }
     )
 

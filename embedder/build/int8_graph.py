@@ -1,35 +1,67 @@
-"""The int8 rewrite of a graph's weight MatMuls: activations scaled per token, each text's first token in fp32.
+"""The int8 rewrite of a graph's weight MatMuls: activations scaled per token, with one of two recipes for what
+int8 rounds badly, chosen by the kind of CPU that exports (recipe_for).
 
 onnxruntime's dynamic quantization gives a whole batch one activation scale, so one token's outliers coarsen
 every other token's rounding. Here each token's activations get their own scale (max |x| / 127, u8 about
 128), and the products are onnxruntime's fused u8 x s8 MatMulIntegerToFloat with one weight scale per output
 column, then one multiply by the token's scale.
 
-The first token of each text stays in fp32. In BERT-family encoders it ([CLS], <s>) is an attention sink that
-carries one massive channel: in every layer of all-MiniLM-L6-v2, channel 99 holds nearly all of its norm (max
-/ rms about 19, of at most 19.6). Its own scale then rounds its other channels to zero, and attention carries
-the error of its value projection to every token. Measured on the export gate's texts, every weight MatMul
-int8 (scripts/bench_int8.py): per token with the first token in int8, min cosine 0.979 on the multilingual
-mix; with it in fp32, 0.996; onnxruntime's per-batch scale, 0.967.
+What rounds badly: in BERT-family encoders the first token ([CLS], <s>) is an attention sink that carries one
+massive channel (all-MiniLM-L6-v2: channel 99, max / rms about 19 in every layer's LayerNorm outputs; after
+GELU, one channel at 14-25 where the other tokens have about 0). Its own scale then rounds its other channels to
+zero, and attention carries the error to every token. Per token alone, min cosine 0.983 on the gate's
+multilingual mix. The recipes (gate figures: all 36 MatMuls int8, scripts/bench_int8.py, 1,000 docstring rows):
+- FIRST_TOKEN_FP32: each text's first token through the fp32 weights. Gate 0.998 / 0.998 / 0.998; 1.69x fp32
+  on AVX-512 VNNI (Xeon, Sapphire Rapids), 1.25-1.34x on AVX2 (Zen 3).
+- SMOOTHED: SmoothQuant (Xiao et al., 2022): each input channel scaled by c, the weights' rows by 1/c, which
+  moves part of an outlier channel's range into the weights; every token int8. Gate 0.998 / 0.997 / 0.995 at
+  alpha 0.6; 1.88x fp32 on that VNNI Xeon. Not on AVX2: smoothed activations spread over the whole u8 range,
+  and vpmaddubsw's int16 pair sums then saturate (gate 0.976 on Zen 3; 7-bit weights avoid it but fall to
+  0.991).
 
-Per input x that chosen MatMuls share, for x of shape [batch, tokens, hidden] (a 2-D input, one row per text
-as a Dense layer after pooling takes, has no first token to split off):
-    m = max(max(x), -min(x)) per token; q = QuantizeLinear(x / m, 1/127, 128)[:, 1:]
-    per MatMul: Concat(x[:, :1] @ W, MatMulIntegerToFloat(q, W8, 1/127, w_scale, 128) * m[:, 1:])
+Per input x that chosen MatMuls share (first token apart only for x of shape [batch, tokens, hidden]; a 2-D
+input, one row per text as a Dense layer after pooling takes, has none):
+    xs = x * c (smoothed); m = max(max(xs), -min(xs)) per token; q = QuantizeLinear(xs / m, 1/127, 128)
+    per MatMul: MatMulIntegerToFloat(q, W8, 1/127, w_scale, 128) * m, W8 from W / c
+    first token apart: q and m without the first token, and Concat(x[:, :1] @ W, that) along the tokens
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-INT8_FORMAT = 2  # in int8 cache keys; 2: this rewrite (1 was onnxruntime's quantize_dynamic)
-METHOD = ("int8 per token: u8 activations with one scale per token, s8 weights with one scale per output column "
-          "(onnxruntime MatMulIntegerToFloat), each text's first token in fp32")
+INT8_FORMAT = 3  # in int8 cache keys; 3: the recipes (2: per token, first token fp32; 1: quantize_dynamic)
 
 _LARGE = 2**62  # a Slice end past any sequence
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    first_token_fp32: bool
+    smoothed: bool
+    method: str  # for the manifest
+
+
+FIRST_TOKEN_FP32 = Recipe("first-token-fp32", True, False,
+                          "int8 per token: u8 activations with one scale per token, s8 weights with one scale per "
+                          "output column (onnxruntime MatMulIntegerToFloat), each text's first token in fp32")
+SMOOTHED = Recipe("smoothed", False, True,
+                  "int8 per token, smoothed: activation channels scaled into the weights (SmoothQuant), u8 "
+                  "activations with one scale per token, s8 weights with one scale per output column "
+                  "(onnxruntime MatMulIntegerToFloat), every token int8")
+# Tried in turn at export, the best on calibration kept: 0.5 is SmoothQuant's default; all-MiniLM-L6-v2 did
+# best at 0.6-0.65 (gate min 0.995) and fell off on both sides (0.4: 0.982, 0.8: 0.973).
+SMOOTHING_ALPHAS = (0.5, 0.6, 0.7)
+
+
+def recipe_for(isa_kind: str) -> Recipe:
+    """SMOOTHED where u8 x s8 products accumulate in int32 in one instruction (VNNI), else FIRST_TOKEN_FP32."""
+    return SMOOTHED if isa_kind in ("avx512-vnni", "avx-vnni") else FIRST_TOKEN_FP32
 
 
 def quantize_weights(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -48,9 +80,20 @@ def round_trip(x: np.ndarray, first_token_apart: bool) -> np.ndarray:
     return rounded
 
 
-def rewrite_int8(src: Path, dst: Path, nodes: Sequence[str], token_level: Collection[str]) -> None:
-    """Write src with these weight MatMuls in int8 to dst. token_level: the MatMul inputs shaped [batch, tokens,
-    hidden], whose first token stays fp32 (known from a run: the exported graphs' shapes are symbolic)."""
+def smoothing_factors(input_max: np.ndarray, weights: Sequence[np.ndarray], alpha: float) -> np.ndarray:
+    """The channel multipliers c of one input: max|w|^(1 - alpha) / max|x|^alpha, max|w| over the rows of every
+    MatMul sharing the input, scaled so the largest is 1 (an overall factor cancels in both scales)."""
+    w_max = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
+    c = np.maximum(w_max, 1e-6) ** (1 - alpha) / np.maximum(input_max, 1e-6) ** alpha
+    return (c / c.max()).astype(np.float32)
+
+
+def rewrite_int8(src: Path, dst: Path, nodes: Sequence[str], first_token_fp32: Collection[str] = (),
+                 smoothing: Mapping[str, np.ndarray] | None = None) -> None:
+    """Write src with these weight MatMuls in int8 to dst. first_token_fp32: the MatMul inputs, shaped [batch,
+    tokens, hidden], whose first token stays fp32 (known from a run: the exported graphs' shapes are symbolic).
+    smoothing: the channel multipliers (smoothing_factors) of the inputs to smooth."""
+    smoothing = smoothing or {}
     import onnx
     from onnx import helper, numpy_helper
 
@@ -76,15 +119,21 @@ def rewrite_int8(src: Path, dst: Path, nodes: Sequence[str], token_level: Collec
     replacement: dict[str, list] = {}
     for index, (x, members) in enumerate(shared.items()):
         p = f"i8_{index}_"
-        split = x in token_level
+        split = x in first_token_fp32
+        c = smoothing.get(x)
+        source, prelude = x, []
+        if c is not None:
+            added.append(numpy_helper.from_array(c, p + "smoothing"))
+            prelude.append(helper.make_node("Mul", [x, p + "smoothing"], [p + "smoothed"]))
+            source = p + "smoothed"
         # max |x| from the two reductions: no |x| tensor written and read back.
-        prelude = [reduce("ReduceMax", x, p + "high"), reduce("ReduceMin", x, p + "low"),
-                   helper.make_node("Neg", [p + "low"], [p + "minus_low"]),
-                   helper.make_node("Max", [p + "high", p + "minus_low"], [p + "raw_max"]),
-                   helper.make_node("Max", [p + "raw_max", "i8_tiny"], [p + "scale"]),  # an all-zero token
-                   # x / max|x| on the grid of 1/127: the 127 lives in the constant scales, not in an op.
-                   helper.make_node("Div", [x, p + "scale"], [p + "scaled"]),
-                   helper.make_node("QuantizeLinear", [p + "scaled", "i8_step", "i8_zero_point"], [p + "q"])]
+        prelude += [reduce("ReduceMax", source, p + "high"), reduce("ReduceMin", source, p + "low"),
+                    helper.make_node("Neg", [p + "low"], [p + "minus_low"]),
+                    helper.make_node("Max", [p + "high", p + "minus_low"], [p + "raw_max"]),
+                    helper.make_node("Max", [p + "raw_max", "i8_tiny"], [p + "scale"]),  # an all-zero token
+                    # x / max|x| on the grid of 1/127: the 127 lives in the constant scales, not in an op.
+                    helper.make_node("Div", [source, p + "scale"], [p + "scaled"]),
+                    helper.make_node("QuantizeLinear", [p + "scaled", "i8_step", "i8_zero_point"], [p + "q"])]
         q, scale = p + "q", p + "scale"
         if split:
             prelude += [helper.make_node("Slice", [p + "q", "i8_1", "i8_end", "i8_1"], [p + "q_rest"]),
@@ -92,7 +141,8 @@ def rewrite_int8(src: Path, dst: Path, nodes: Sequence[str], token_level: Collec
                         helper.make_node("Slice", [x, "i8_0", "i8_1", "i8_1"], [p + "first"])]
             q, scale = p + "q_rest", p + "scale_rest"
         for j, node in enumerate(members):
-            w8, w_scale = quantize_weights(numpy_helper.to_array(weights[node.input[1]]).astype(np.float32))
+            w = numpy_helper.to_array(weights[node.input[1]]).astype(np.float32)
+            w8, w_scale = quantize_weights(w if c is None else w / c[:, None])
             name = f"{p}{j}_"
             added += [numpy_helper.from_array(w8, name + "w"), numpy_helper.from_array(w_scale, name + "w_scale")]
             scaled = name + "rest" if split else node.output[0]

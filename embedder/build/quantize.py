@@ -1,33 +1,40 @@
-"""int8 graphs for the CPU that keep quality: every weight MatMul int8 with activations scaled per token and
-each text's first token in fp32 (embedder.build.int8_graph), the sensitive ones left in fp32 only where the
-calibration sample asks for it, gated on another sample.
+"""int8 graphs for the CPU that keep quality: every weight MatMul int8 with activations scaled per token, in
+the recipe that suits the exporting CPU (embedder.build.int8_graph), the sensitive ones left in fp32 only where
+the calibration sample asks for it, gated on another sample.
 
-The search: the fp32 graph runs the calibration texts once with every candidate's input exposed, and each
-product's own int8 error is computed in numpy from those inputs (the rewrite's rounding). Everything int8 is
-tried first, the usual answer (all-MiniLM-L6-v2: calibration and gate above 0.995 with all 36 MatMuls int8);
-if it misses the calibration target, the worst products go back to fp32, as few as reach it (a bisection over
-how many: about log2(MatMuls) quantize-and-run trials, not one per MatMul). The result must then pass the gate
-on each domain's report texts, which the search never saw, or the export refuses. Last, the export times int8
-against fp32 on this CPU and records the ratio with the ISA (embedder.build.isa).
+The search: the fp32 graph runs the calibration texts once with every candidate's input exposed, for each
+input's channel ranges (the smoothed recipe's factors) and whether it is per token. Everything int8 is tried
+first, the usual answer (all-MiniLM-L6-v2: calibration and gate above 0.995 with all 36 MatMuls int8); the
+smoothed recipe tries each alpha of SMOOTHING_ALPHAS there and keeps the best. If that misses the calibration
+target, each product's own int8 error is computed in numpy from the exposed inputs (the rewrite's rounding),
+and the worst go back to fp32, as few as reach it (a bisection over how many: about log2(MatMuls)
+quantize-and-run trials, not one per MatMul). The result must then pass the gate on each domain's report
+texts, which the search never saw, or the export refuses. Last, the export times int8 against fp32 on this
+CPU and records the ratio with the ISA (embedder.build.isa).
 
-Measured on AVX2 (Zen 3, no VNNI), 1,000 docstring rows, every weight MatMul int8 (scripts/bench_int8.py):
-onnxruntime's quantize_dynamic (one activation scale per batch) 1.45-1.63x fp32 but min cosine 0.967 on the
-gate's multilingual mix (it used to keep 22-23 of 36 MatMuls in fp32 for that, and ran at ~1.1x); this
-rewrite 1.13-1.26x at 0.996. int8 products on AVX2 run only 1.7-2.3x faster than fp32 ones there
-(vpmaddubsw), so the per-token steps around them cost a large share; VNNI's are several times faster.
+Measured with scripts/bench_int8.py, 1,000 docstring rows, every weight MatMul int8: onnxruntime's
+quantize_dynamic (one activation scale per batch) ran 1.45-1.63x fp32 on AVX2 (Zen 3) but at min cosine 0.967
+on the gate's multilingual mix (it used to keep 22-23 of 36 MatMuls in fp32 for that, and ran at ~1.1x).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
 from embedder.build.gate import domains, row_cosines
-from embedder.build.int8_graph import METHOD, quantize_weights, rewrite_int8, round_trip
+from embedder.build.int8_graph import (
+    SMOOTHING_ALPHAS,
+    quantize_weights,
+    recipe_for,
+    rewrite_int8,
+    round_trip,
+    smoothing_factors,
+)
 from embedder.build.isa import FASTER_RATIO, describe
 from embedder.errors import ExportError
 
@@ -48,7 +55,10 @@ def quantize_int8(graph_path: Path, feeds_for: Feeds, min_cosine: float | None =
     min_cosine = MIN_COSINE if min_cosine is None else min_cosine
     started = time.perf_counter()
     import onnx
+    from onnx import numpy_helper
 
+    isa = describe()
+    recipe = recipe_for(isa["kind"])
     sample = domains()
     calibration = [t for d in sample for t in d.calibration]
     calib_feeds = feeds_for(calibration, 32)
@@ -61,32 +71,51 @@ def quantize_int8(graph_path: Path, feeds_for: Feeds, min_cosine: float | None =
     candidates = [n for n in graph.node if n.op_type == "MatMul" and n.domain == "" and n.input[1] in weights]
     if not candidates:
         raise ExportError("int8: the graph has no MatMul with a weight matrix to quantize; use --precision fp32")
-    logger.info("int8: ranking %d MatMuls by their own int8 error on %d calibration texts (one fp32 pass)",
+    names = [n.name for n in candidates]
+    logger.info("int8: %s recipe for this %s CPU; %d MatMuls, %d calibration texts", recipe.name, isa["kind"],
                 len(candidates), len(calibration))
-    errors, token_level = _sensitivity(graph_path, candidates, weights, feeds_for(calibration, 16))
-    # Ranked by error alone: ranked per weight element (keeping the cheap attention products in fp32 first) it
-    # needed 32 of 36 in fp32 instead of 22 on all-MiniLM-L6-v2, and ran slower.
-    ranked = sorted((n.name for n in candidates), key=lambda name: errors[name], reverse=True)
+    probe_feeds = feeds_for(calibration, 16)
+    input_max, token_level = channel_max(graph_path, [n.input[0] for n in candidates], probe_feeds)
+    first_token_fp32 = token_level if recipe.first_token_fp32 else set()
     target = 1 - (1 - min_cosine) * _CALIBRATION_MARGIN
     trial = graph_path.with_name("int8-trial.onnx")
     trials: list[dict] = []
 
-    def passes(fp32_count: int) -> bool:
-        kept = ranked[fp32_count:]
-        rewrite_int8(graph_path, trial, kept, token_level)
+    def calibrated(int8_names: list[str], smoothing: dict | None, **record) -> float:
+        rewrite_int8(graph_path, trial, int8_names, first_token_fp32, smoothing)
         worst = float(row_cosines(run(trial, calib_feeds), reference).min())
-        trials.append({"fp32_nodes": fp32_count, "calibration_min_cosine": round(worst, 6)})
-        logger.info("int8: %d of %d MatMuls in fp32: calibration min cosine %.5f (target %.4f) [%.0f s]", fp32_count,
-                    len(ranked), worst, target, time.perf_counter() - started)
-        return worst >= target
+        trials.append({**record, "calibration_min_cosine": round(worst, 6)})
+        logger.info("int8: %s: calibration min cosine %.5f (target %.4f) [%.0f s]",
+                    ", ".join(f"{k} {v}" for k, v in record.items()), worst, target, time.perf_counter() - started)
+        return worst
 
     try:
-        count = _fewest(passes, len(ranked) - 1)
+        smoothing, alpha = None, None
+        if recipe.smoothed:
+            members = {x: [numpy_helper.to_array(weights[n.input[1]]) for n in candidates if n.input[0] == x]
+                       for x in input_max}
+            by_alpha = {a: {x: smoothing_factors(m, members[x], a) for x, m in input_max.items()}
+                        for a in SMOOTHING_ALPHAS}
+            scores = {a: calibrated(names, s, alpha=a, fp32_nodes=0) for a, s in by_alpha.items()}
+            alpha = max(scores, key=scores.__getitem__)
+            smoothing, all_int8 = by_alpha[alpha], scores[alpha]
+        else:
+            all_int8 = calibrated(names, None, fp32_nodes=0)
+        ranked = names
+        if all_int8 >= target:
+            count = 0
+        else:
+            logger.info("int8: ranking the MatMuls by their own int8 error to keep the worst in fp32")
+            errors = _sensitivity(graph_path, candidates, weights, probe_feeds, first_token_fp32, smoothing)
+            # Ranked by error alone: ranked per weight element (keeping the cheap attention products in fp32
+            # first) it needed 32 of 36 in fp32 instead of 22 on all-MiniLM-L6-v2, and ran slower.
+            ranked = sorted(names, key=errors.__getitem__, reverse=True)
+            count = _fewest(lambda n: calibrated(ranked[n:], smoothing, fp32_nodes=n) >= target, len(ranked) - 1)
         if count is None:
             raise ExportError(f"int8 quantization cannot reach min cosine {min_cosine} against fp32 even with one "
                               "MatMul quantized; use --precision fp32")
         excluded, kept = ranked[:count], ranked[count:]
-        rewrite_int8(graph_path, trial, kept, token_level)
+        rewrite_int8(graph_path, trial, kept, first_token_fp32, smoothing)
         gate = _gate(run, graph_path, trial, sample, feeds_for, min_cosine)
         speed = _speed(graph_path, trial, feeds_for(list(sample[0].gate[:_SPEED_TEXTS]), 32))
         trial.replace(graph_path)
@@ -100,10 +129,13 @@ def quantize_int8(graph_path: Path, feeds_for: Feeds, min_cosine: float | None =
         logger.warning("int8 ran at only %.2fx fp32 on this %s CPU: fp32 is as fast here", speed["ratio"],
                        speed["isa"]["kind"])
     return {
-        "method": METHOD,
+        "method": recipe.method,
+        "recipe": recipe.name,
+        **({"smoothing_alpha": alpha} if alpha is not None else {}),
         "quantized_nodes": len(kept),
         "fp32_nodes": excluded,
-        "search": {"ranking": "each MatMul's own int8 output error on the calibration texts (one fp32 pass)",
+        "search": {"order": "every MatMul int8 first; if that misses the calibration target, the worst by their own "
+                            "int8 output error on the calibration texts go back to fp32, as few as reach it",
                    "calibration_texts": {d.name: len(d.calibration) for d in sample},
                    "calibration_target": target, "trials": trials},
         "gate": gate,
@@ -136,10 +168,8 @@ class _Runner:
 
 
 def _fewest(passes: Callable[[int], bool], most: int) -> int | None:
-    """The smallest n in 0..most with passes(n): 0 first (the usual answer, one trial), then by bisection, assuming
-    more fp32 nodes never hurt (1 + about log2(most) trials: 7 for 36 MatMuls); None if passes(most) is False."""
-    if passes(0):
-        return 0
+    """The smallest n in 1..most with passes(n), by bisection (about log2(most) trials: 6 for 36 MatMuls),
+    passes(0) known False and more fp32 nodes assumed never to hurt; None if passes(most) is False."""
     low, high = 0, most + 1  # passes(high) taken as True (everything fp32)
     while high - low > 1:
         middle = (low + high) // 2
@@ -150,41 +180,61 @@ def _fewest(passes: Callable[[int], bool], most: int) -> int | None:
     return high if high <= most else None
 
 
-def _sensitivity(graph_path: Path, candidates: list, weights: dict, feeds: list[dict]) -> tuple[dict[str, float], set[str]]:
-    """(each MatMul's relative output error with only itself in int8, worst over the batches; the inputs shaped
-    [batch, tokens, hidden]), from one fp32 run. The rounding is the rewrite's (embedder.build.int8_graph)."""
-    import onnx
+def _sensitivity(graph_path: Path, candidates: list, weights: dict, feeds: list[dict],
+                 first_token_fp32: set[str], smoothing: dict | None) -> dict[str, float]:
+    """Each MatMul's relative output error with only itself in int8, worst over the batches, from one fp32 run;
+    the rounding is the rewrite's (embedder.build.int8_graph)."""
     from onnx import numpy_helper
 
+    smoothing = smoothing or {}
+    quantized = {}
+    for node in candidates:
+        w = numpy_helper.to_array(weights[node.input[1]]).astype(np.float32)
+        c = smoothing.get(node.input[0], np.ones(w.shape[0], np.float32))
+        w8, scale = quantize_weights(w / c[:, None])
+        quantized[node.name] = (w, w8 * scale, c)
+    errors = dict.fromkeys(quantized, 0.0)
+    for values in _probe(graph_path, [n.input[0] for n in candidates], feeds):
+        for node in candidates:
+            x = values[node.input[0]]
+            w, wq, c = quantized[node.name]
+            xq = round_trip(x * c, first_token_apart=node.input[0] in first_token_fp32).reshape(-1, x.shape[-1])
+            x = x.reshape(-1, x.shape[-1])
+            sample = slice(None, None, max(1, len(x) // _SENSITIVITY_TOKENS))  # numpy is slow
+            y = x[sample] @ w
+            error = float(np.linalg.norm(xq[sample] @ wq - y) / (np.linalg.norm(y) + 1e-30))
+            errors[node.name] = max(errors[node.name], error)
+    return errors
+
+
+def channel_max(graph_path: Path, inputs: list[str], feeds: list[dict]) -> tuple[dict[str, np.ndarray], set[str]]:
+    """(max |x| per channel of each of these tensors over the feeds, those shaped [batch, tokens, hidden])."""
+    highest: dict[str, np.ndarray] = {}
+    token_level: set[str] = set()
+    for values in _probe(graph_path, inputs, feeds):
+        for name, value in values.items():
+            if value.ndim == 3:
+                token_level.add(name)
+            high = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
+            highest[name] = np.maximum(highest[name], high) if name in highest else high
+    return highest, token_level
+
+
+def _probe(graph_path: Path, inputs: list[str], feeds: list[dict]) -> Iterator[dict[str, np.ndarray]]:
+    """Per feed, the values of these inner tensors of the fp32 graph (a copy of it that outputs them)."""
+    import onnx
+
     model = onnx.load(str(graph_path))
-    inputs = list(dict.fromkeys(n.input[0] for n in candidates))
+    inputs = list(dict.fromkeys(inputs))
     model.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in inputs)
     probe = graph_path.with_name("int8-probe.onnx")
     onnx.save(model, str(probe))
     try:
         session = _Runner().session(probe)
-        quantized = {}
-        for node in candidates:
-            w = numpy_helper.to_array(weights[node.input[1]]).astype(np.float32)
-            w8, scale = quantize_weights(w)
-            quantized[node.name] = (w, w8 * scale)
-        errors = dict.fromkeys(quantized, 0.0)
-        token_level: set[str] = set()
         for feed in feeds:
-            values = dict(zip(inputs, session.run(inputs, feed)))
-            token_level |= {name for name, value in values.items() if value.ndim == 3}
-            for node in candidates:
-                x = values[node.input[0]]
-                xq = round_trip(x, first_token_apart=x.ndim == 3).reshape(-1, x.shape[-1])
-                x = x.reshape(-1, x.shape[-1])
-                sample = slice(None, None, max(1, len(x) // _SENSITIVITY_TOKENS))  # numpy is slow
-                w, wq = quantized[node.name]
-                y = x[sample] @ w
-                error = float(np.linalg.norm(xq[sample] @ wq - y) / (np.linalg.norm(y) + 1e-30))
-                errors[node.name] = max(errors[node.name], error)
+            yield dict(zip(inputs, session.run(inputs, feed)))
     finally:
         probe.unlink(missing_ok=True)
-    return errors, token_level
 
 
 def _gate(run: _Runner, fp32: Path, int8: Path, sample, feeds_for: Feeds, min_cosine: float) -> dict:
