@@ -10,14 +10,15 @@ What rounds badly: in BERT-family encoders the first token ([CLS], <s>) is an at
 massive channel (all-MiniLM-L6-v2: channel 99, max / rms about 19 in every layer's LayerNorm outputs; after
 GELU, one channel at 14-25 where the other tokens have about 0). Its own scale then rounds its other channels to
 zero, and attention carries the error to every token. Per token alone, min cosine 0.983 on the gate's
-multilingual mix. The recipes (gate figures: all 36 MatMuls int8, scripts/bench_int8.py, 1,000 docstring rows):
-- FIRST_TOKEN_FP32: each text's first token through the fp32 weights. Gate 0.998 / 0.998 / 0.998; 1.69x fp32
-  on AVX-512 VNNI (Xeon, Sapphire Rapids), 1.25-1.34x on AVX2 (Zen 3).
+multilingual mix. The recipes, all 36 MatMuls int8 (scripts/bench_int8.py --rows 1000; gate figures are
+docstrings / short sentences / multilingual mix):
+- FIRST_TOKEN_FP32: each text's first token through the fp32 weights. Gate 0.9985 / 0.9979 / 0.9976;
+  1.69-1.79x fp32 on AVX-512 VNNI (Xeon, Sapphire Rapids, 2 threads), 1.25-1.34x on AVX2 (Zen 3).
 - SMOOTHED: SmoothQuant (Xiao et al., 2022): each input channel scaled by c, the weights' rows by 1/c, which
-  moves part of an outlier channel's range into the weights; every token int8. Gate 0.998 / 0.997 / 0.995 at
-  alpha 0.6; 1.88x fp32 on that VNNI Xeon. Not on AVX2: smoothed activations spread over the whole u8 range,
-  and vpmaddubsw's int16 pair sums then saturate (gate 0.976 on Zen 3; 7-bit weights avoid it but fall to
-  0.991).
+  moves part of an outlier channel's range into the weights; every token int8. 1.88-1.98x fp32 on that Xeon;
+  the export's gate there (alpha 0.6) 0.9979 / 0.9972 / 0.9953. Not on AVX2: smoothed activations fill the
+  u8 range, and vpmaddubsw's int16 pair sums then saturate (alpha 0.5: gate 0.976 on Zen 3; 7-bit weights
+  avoid it but fall to 0.991).
 
 Per input x that chosen MatMuls share (first token apart only for x of shape [batch, tokens, hidden]; a 2-D
 input, one row per text as a Dense layer after pooling takes, has none):
@@ -41,6 +42,8 @@ _LARGE = 2**62  # a Slice end past any sequence
 
 @dataclass(frozen=True)
 class Recipe:
+    """What the rewrite does about the values int8 rounds badly (the module's figures)."""
+
     name: str
     first_token_fp32: bool
     smoothed: bool
