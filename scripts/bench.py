@@ -23,6 +23,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -123,7 +124,7 @@ def chart(results: list[dict], path: Path, title: str) -> None:
     ax.barh(names, [r["tokens_per_second"] for r in results], color="#4c72b0", label="steady state")
     ax.barh(names, [r["end_to_end_tokens_per_second"] for r in results], color="#dd8452", height=0.4, label="end to end")
     ax.set_xlabel("tokens per second (higher is better)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=9)  # a long CPU name would run off the figure
     ax.invert_yaxis()
     ax.legend(loc="lower right")
     fig.tight_layout()
