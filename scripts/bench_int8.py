@@ -1,6 +1,7 @@
 """int8 quantization variants of the default model's CPU graph against fp32: speed, quality, time per operator.
 
     python scripts/bench_int8.py --rows 1000 --variants per-token,smooth --profile
+    python scripts/bench_int8.py --rows 1000 --variants per-token,per-token-qkv-ft,smooth-ft
     python scripts/bench_int8.py --rows 1500 --variants s8,s8-reduce-range,s8-per-tensor,u8
     python scripts/bench_int8.py --rows 1000 --variants per-token,per-token-first-int8 --keep-fp32 attention/self/value
 
@@ -8,11 +9,12 @@ Every weight MatMul quantized (but those whose names contain a --keep-fp32 part)
 int8 export weighs: onnxruntime's quantize_dynamic (weight type, per-channel scales, reduce_range: AVX2 without
 VNNI multiplies u8 x s8 with vpmaddubsw, whose int16 pair sums can saturate; 7-bit weights avoid it), whose
 activations share one scale per batch, and the export's rewrite (embedder.build.int8_graph), a scale per
-token: `per-token` (its first-token-fp32 recipe), `smooth` (its smoothed recipe, at --alpha) and both the
-other way round. Variants measured once and dropped since (u8 x u8 products, s8 activations, one batch scale
-with the first token apart) are runnable at commit 6c3c27d. All graphs run the same docstring batches at the
-CPU's token budget in alternating rounds (bench_common.paired_rates); quality is min and mean cosine against
-fp32 over those rows and the export gate's figures; --profile adds onnxruntime's share of kernel time per
+token: `per-token` (its first-token-fp32 recipe), `smooth` (its smoothed recipe, at --alpha), both the
+other way round, and `per-token-qkv-ft` (the first token in fp32 only for the query/key/value input).
+Variants measured once and dropped since (u8 x u8 products, s8 activations, one batch scale with the first
+token apart) are runnable at commit 6c3c27d. All graphs run the same docstring batches at the CPU's token
+budget in alternating rounds (bench_common.paired_rates); quality is min and mean cosine against fp32 over
+those rows and the export gate's figures; --profile adds onnxruntime's share of kernel time per
 operator type. Prints one JSON line with the CPU's ISA kind.
 """
 
@@ -35,8 +37,10 @@ VARIANTS = {
     # The export's rewrite (embedder.build.int8_graph), scales per token: its recipe for AVX2, the first token
     # in fp32 ...
     "per-token": None,
-    # ... and with the first token in int8 too.
+    # ... with the first token in int8 too, and with it in fp32 only where the attention sink's channel feeds
+    # attention (the inputs that the query, key and value projections share).
     "per-token-first-int8": None,
+    "per-token-qkv-ft": None,
     # Its recipe for VNNI: activation outlier channels moved into the weights (SmoothQuant), the first token in
     # int8 ... and in fp32.
     "smooth": None,
@@ -113,6 +117,8 @@ def main() -> int:
                 # Every weight MatMul of the default model takes [batch, tokens, hidden].
                 first_int8 = name in ("per-token-first-int8", "smooth")
                 token_level = set() if first_int8 else {graph_inputs[n] for n in nodes}
+                if name == "per-token-qkv-ft":
+                    token_level = {x for x in token_level if sum(graph_inputs[n] == x for n in nodes) == 3}
                 smoothing = smoothing_for(fp32, nodes) if name.startswith("smooth") else None
                 rewrite_int8(fp32, graphs[name], nodes, token_level, smoothing)
                 continue
