@@ -72,29 +72,36 @@ def _short_sentences(docstrings) -> list[str]:
     return list(found)
 
 
-def _multilingual() -> list[str]:
-    texts: dict[str, None] = {}
+def _multilingual() -> list[tuple[str, ...]]:
+    """The sentences, each with its noisy variants in one group: a variant that differs only in what the
+    tokenizer drops (a tab, a zero-width space, a bell) must not land on the other side of the split."""
+    groups = []
     for i, sentence in enumerate(SENTENCES):
         noise = _NOISE[i % len(_NOISE)]
         other = SENTENCES[(i * 7 + 3) % len(SENTENCES)]
-        texts[sentence] = None
-        texts[f"{sentence} {noise}"] = None
         words = sentence.split()
-        texts[" ".join(words[: len(words) // 2] + [noise] + words[len(words) // 2:]) + " " + other] = None
-    return list(texts)
+        spliced = " ".join(words[: len(words) // 2] + [noise] + words[len(words) // 2:]) + " " + other
+        groups.append((sentence, f"{sentence} {noise}", spliced))
+    return groups
 
 
-def _split(name: str, texts: list[str], calibration: int, gate: int) -> Domain:
-    """Alternate rows (in a fixed order) to the two samples: same mix of lengths in each, no text in both."""
-    unique = list(dict.fromkeys(texts))
-    return Domain(name, tuple(unique[0::2][:calibration]), tuple(unique[1::2][:gate]))
+def _split(name: str, groups: list[tuple[str, ...]], calibration: int, gate: int) -> Domain:
+    """Alternate groups of rows (in a fixed order) to the two samples: same mix of lengths in each, no text in
+    both, and a group's rows together."""
+    seen: set[str] = set()
+    sides: tuple[list[str], list[str]] = ([], [])
+    for i, group in enumerate(groups):
+        fresh = [t for t in dict.fromkeys(group) if t not in seen]
+        seen.update(fresh)
+        sides[i % 2].extend(fresh)
+    return Domain(name, tuple(sides[0][:calibration]), tuple(sides[1][:gate]))
 
 
 def domains(calibration: int = 96, gate: int = 192) -> tuple[Domain, ...]:
     """The three gate domains, each with at most `calibration` and `gate` texts."""
     docs = _docstrings()
-    return (_split("docstrings", list(docs), calibration, gate),
-            _split("short sentences", _short_sentences(docs), calibration, gate),
+    return (_split("docstrings", [(t,) for t in docs], calibration, gate),
+            _split("short sentences", [(t,) for t in _short_sentences(docs)], calibration, gate),
             _split("multilingual and emoji", _multilingual(), calibration, gate))
 
 
