@@ -1,21 +1,32 @@
 """int8 quantization variants of the default model's CPU graph against fp32: speed, quality, time per operator.
 
     python scripts/bench_int8.py --rows 1000 --variants per-token,smooth --profile
-    python scripts/bench_int8.py --rows 1000 --variants per-token,per-token-qkv-ft,smooth-ft
+    python scripts/bench_int8.py --rows 1000 --variants per-token,per-token-ln-ft,per-token-qkv-ft,smooth-ft
     python scripts/bench_int8.py --rows 1500 --variants s8,s8-reduce-range,s8-per-tensor,u8
     python scripts/bench_int8.py --rows 1000 --variants per-token,per-token-first-int8 --keep-fp32 attention/self/value
+    python scripts/bench_int8.py --rows 100 --repeats 1 --variants per-token,per-token-ln-ft --avx2-gate \
+        --avx2-domains 'multilingual and emoji'
 
 Every weight MatMul quantized (but those whose names contain a --keep-fp32 part), one variant per choice the
 int8 export weighs: onnxruntime's quantize_dynamic (weight type, per-channel scales, reduce_range: AVX2 without
 VNNI multiplies u8 x s8 with vpmaddubsw, whose int16 pair sums can saturate; 7-bit weights avoid it), whose
 activations share one scale per batch, and the export's rewrite (embedder.build.int8_graph), a scale per
-token: `per-token` (its first-token-fp32 recipe), `smooth` (its smoothed recipe, at --alpha), both the
-other way round, and `per-token-qkv-ft` (the first token in fp32 only for the query/key/value input).
+token: `per-token` (its recipe for AVX2: the first token in fp32 at every MatMul), `smooth` (its recipe for
+VNNI, at --alpha), `per-token-first-int8` and `smooth-ft` (the first token the other way), and the first
+token in fp32 only where a MatMul reads a LayerNorm output (`per-token-ln-ft`) or only at the query/key/value
+input (`per-token-qkv-ft`).
 Variants measured once and dropped since (u8 x u8 products, s8 activations, one batch scale with the first
 token apart) are runnable at commit 6c3c27d. All graphs run the same docstring batches at the CPU's token
 budget in alternating rounds (bench_common.paired_rates); quality is min and mean cosine against fp32 over
 those rows and the export gate's figures; --profile adds onnxruntime's share of kernel time per
 operator type. Prints one JSON line with the CPU's ISA kind.
+
+--avx2-gate adds each graph's gate on AVX2's int8 numerics, whatever this CPU: scripts/gate_vectors.py runs
+the gate texts under qemu-user with an AVX2-only CPU model (Haswell; apt install qemu-user). onnxruntime then
+takes its AVX2 kernels, and qemu executes vpmaddubsw with its int16 saturation, so the integer products are
+AVX2's bit for bit: the first token in fp32 everywhere read 0.9953 on the multilingual mix both so and on a
+real Zen 3. Emulated, a graph takes about 700x its native time (minutes per graph); timings there mean
+nothing, and none are taken.
 """
 
 from __future__ import annotations
@@ -23,6 +34,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -38,9 +51,11 @@ VARIANTS = {
     # in fp32 ...
     "per-token": None,
     # ... with the first token in int8 too, and with it in fp32 only where the attention sink's channel feeds
-    # attention (the inputs that the query, key and value projections share).
+    # attention (the inputs that the query, key and value projections share), or where a MatMul reads a
+    # LayerNorm output (the query/key/value and FFN-in projections).
     "per-token-first-int8": None,
     "per-token-qkv-ft": None,
+    "per-token-ln-ft": None,
     # Its recipe for VNNI: activation outlier channels moved into the weights (SmoothQuant), the first token in
     # int8 ... and in fp32.
     "smooth": None,
@@ -67,7 +82,12 @@ def main() -> int:
                    help="token budget per batch (default: the job's for the CPU)")
     p.add_argument("--alpha", type=float, default=0.6, help="SmoothQuant's alpha for the smooth variants")
     p.add_argument("--keep-fp32", default="", help="comma list of name parts: MatMuls whose name holds one stay fp32")
+    p.add_argument("--avx2-gate", action="store_true", help="also each graph's gate on AVX2's numerics, emulated")
+    p.add_argument("--avx2-domains", default="", help="comma list: only these gate domains under emulation")
     args = p.parse_args()
+    qemu = shutil.which("qemu-x86_64")
+    if args.avx2_gate and not qemu:
+        sys.exit("bench_int8: --avx2-gate needs qemu-user (apt install qemu-user)")
 
     import onnx
     import onnxruntime as ort
@@ -119,6 +139,8 @@ def main() -> int:
                 token_level = set() if first_int8 else {graph_inputs[n] for n in nodes}
                 if name == "per-token-qkv-ft":
                     token_level = {x for x in token_level if sum(graph_inputs[n] == x for n in nodes) == 3}
+                if name == "per-token-ln-ft":
+                    token_level &= {n.output[0] for n in graph.node if n.op_type == "LayerNormalization"}
                 smoothing = smoothing_for(fp32, nodes) if name.startswith("smooth") else None
                 rewrite_int8(fp32, graphs[name], nodes, token_level, smoothing)
                 continue
@@ -137,13 +159,25 @@ def main() -> int:
                   "kept_fp32": kept, "variants": {}}
         # The export's gate: min cosine on each domain's report texts (the hard one is the multilingual mix).
         tokenizer = TextTokenizer(artifact.tokenizer_path, artifact.manifest.max_seq_length)
-        gate = {}
+        gate, fp32_gate = {}, {}
         for domain in domains():
             domain_batches = padded_batches(artifact, tokenizer.encode(list(domain.gate)),
                                             DEVICE_KINDS["cpu"].default_max_tokens)
             runs = {name: np.concatenate([s.run(None, feeds(b, inputs))[0] for b in domain_batches])
                     for name, s in sessions.items()}
             gate[domain.name] = {name: round(float(row_cosines(v, runs["fp32"]).min()), 4) for name, v in runs.items()}
+            fp32_gate[domain.name] = runs["fp32"]
+        avx2_gate = {}
+        for name, path in graphs.items() if args.avx2_gate else ():
+            if name == "fp32":
+                continue
+            out = Path(tmp) / f"{name}.avx2.npz"
+            only = [arg for d in args.avx2_domains.split(",") if d for arg in ("--domain", d)]
+            subprocess.run([qemu, "-cpu", "Haswell", sys.executable, str(Path(__file__).with_name("gate_vectors.py")),
+                            str(path), str(out), "--threads", str(args.threads), *only],
+                           check=True, stderr=subprocess.DEVNULL)
+            emulated = np.load(out)
+            avx2_gate[name] = {d: round(float(row_cosines(emulated[d], fp32_gate[d]).min()), 4) for d in emulated.files}
         for name, path in graphs.items():
             cosines = row_cosines(vectors[name], vectors["fp32"])
             result["variants"][name] = {
@@ -151,6 +185,8 @@ def main() -> int:
                 "ratio_to_fp32": round(float(np.median(np.array(rates[name]) / np.array(rates["fp32"]))), 3),
                 "min_cosine": round(float(cosines.min()), 5), "mean_cosine": round(float(cosines.mean()), 6),
                 "gate_min_cosine": {domain: by_variant[name] for domain, by_variant in gate.items()}}
+            if name in avx2_gate:
+                result["variants"][name]["avx2_gate_min_cosine"] = avx2_gate[name]
             if args.profile:
                 profiled = session(path, profile=True)
                 for batch in batches:
