@@ -12,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +40,14 @@ def padded_batches(artifact, tokens, max_tokens: int, max_batch_size: int = 256)
     pad_id = artifact.manifest.pad_token_id
     return [pad_batch(tokens.ids, tokens.offsets, rows, pad_id)
             for rows in plan_batches(tokens.lengths, max_tokens, max_batch_size)]
+
+
+def graph_feeds(batch, names) -> dict:
+    """A padded batch as a graph's inputs: those of input_ids, attention_mask and (zero) token_type_ids it
+    takes."""
+    feeds = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+             "token_type_ids": np.zeros_like(batch.input_ids)}
+    return {k: v for k, v in feeds.items() if k in names}
 
 
 def paired_rates(passes: dict, tokens: int, repeats: int) -> dict[str, list[float]]:

@@ -64,7 +64,13 @@ VARIANTS = {
 
 
 def main() -> int:
-    from bench_common import default_model_rows, kernel_share, padded_batches, paired_rates  # repository on sys.path
+    from bench_common import (  # repository on sys.path
+        default_model_rows,
+        graph_feeds,
+        kernel_share,
+        padded_batches,
+        paired_rates,
+    )
 
     from embedder.build.gate import domains, row_cosines
     from embedder.build.int8_graph import rewrite_int8, smoothing_factors
@@ -112,11 +118,6 @@ def main() -> int:
             options.profile_file_prefix = os.path.join(tempfile.gettempdir(), "embedder-int8-profile")
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
-    def feeds(batch, names):
-        all_ = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
-                "token_type_ids": np.zeros_like(batch.input_ids)}
-        return {k: v for k, v in all_.items() if k in names}
-
     def smoothing_for(path: Path, names: list[str]) -> dict:
         from embedder.build.quantize import channel_max
         calibration = [t for d in domains() for t in d.calibration]
@@ -124,7 +125,7 @@ def main() -> int:
         batches = padded_batches(artifact, tokenizer.encode(calibration), args.max_tokens)
         chosen = [n for n in graph.node if n.name in set(names)]
         input_max, _ = channel_max(path, [n.input[0] for n in chosen],
-                                   [feeds(b, {i.name for i in graph.input}) for b in batches])
+                                   [graph_feeds(b, {i.name for i in graph.input}) for b in batches])
         w = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
         return {x: smoothing_factors(m, [w[n.input[1]] for n in chosen if n.input[0] == x], args.alpha)
                 for x, m in input_max.items()}
@@ -151,9 +152,9 @@ def main() -> int:
                              extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT}, **options)
         sessions = {name: session(path) for name, path in graphs.items()}
         inputs = {i.name for i in sessions["fp32"].get_inputs()}
-        vectors = {name: np.concatenate([s.run(None, feeds(b, inputs))[0] for b in batches])
+        vectors = {name: np.concatenate([s.run(None, graph_feeds(b, inputs))[0] for b in batches])
                    for name, s in sessions.items()}
-        rates = paired_rates({name: (lambda s=s: [s.run(None, feeds(b, inputs)) for b in batches])
+        rates = paired_rates({name: (lambda s=s: [s.run(None, graph_feeds(b, inputs)) for b in batches])
                               for name, s in sessions.items()}, int(tokens.lengths.sum()), args.repeats)
         result = {"isa": describe(), "rows": len(tokens.lengths), "threads": args.threads, "quantized": len(nodes),
                   "kept_fp32": kept, "variants": {}}
@@ -163,7 +164,7 @@ def main() -> int:
         for domain in domains():
             domain_batches = padded_batches(artifact, tokenizer.encode(list(domain.gate)),
                                             DEVICE_KINDS["cpu"].default_max_tokens)
-            runs = {name: np.concatenate([s.run(None, feeds(b, inputs))[0] for b in domain_batches])
+            runs = {name: np.concatenate([s.run(None, graph_feeds(b, inputs))[0] for b in domain_batches])
                     for name, s in sessions.items()}
             gate[domain.name] = {name: round(float(row_cosines(v, runs["fp32"]).min()), 4) for name, v in runs.items()}
             fp32_gate[domain.name] = runs["fp32"]
@@ -190,7 +191,7 @@ def main() -> int:
             if args.profile:
                 profiled = session(path, profile=True)
                 for batch in batches:
-                    profiled.run(None, feeds(batch, inputs))
+                    profiled.run(None, graph_feeds(batch, inputs))
                 result["variants"][name]["kernel_share"] = dict(list(kernel_share(profiled)[1].items())[:8])
     print(json.dumps(result))
     return 0

@@ -26,7 +26,12 @@ SETTINGS = {
 
 
 def main() -> int:
-    from bench_common import default_model_rows, padded_batches, paired_rates  # puts the repository on sys.path
+    from bench_common import (  # puts the repository on sys.path
+        default_model_rows,
+        graph_feeds,
+        padded_batches,
+        paired_rates,
+    )
 
     from embedder.infer.devices import DEVICE_KINDS
 
@@ -51,9 +56,7 @@ def main() -> int:
     inputs = {i.name for i in sessions["defaults"].get_inputs()}
 
     def feeds(batch):
-        all_inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
-                      "token_type_ids": np.zeros_like(batch.input_ids)}
-        return {k: v for k, v in all_inputs.items() if k in inputs}
+        return graph_feeds(batch, inputs)
 
     real = int(tokens.lengths.sum())
     for session in sessions.values():  # first-run set-up is not the steady state

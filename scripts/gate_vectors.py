@@ -15,7 +15,7 @@ import numpy as np
 
 
 def main() -> int:
-    from bench_common import padded_batches  # repository on sys.path
+    from bench_common import graph_feeds, padded_batches  # repository on sys.path
 
     from embedder import ExportOptions, get_or_export, load_spec
     from embedder.build.gate import domains
@@ -46,9 +46,7 @@ def main() -> int:
         texts = domain.calibration if args.calibration else domain.gate
         out = []
         for batch in padded_batches(artifact, tokenizer.encode(list(texts)), DEVICE_KINDS["cpu"].default_max_tokens):
-            feeds = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
-                     "token_type_ids": np.zeros_like(batch.input_ids)}
-            out.append(session.run(None, {k: v for k, v in feeds.items() if k in names})[0])
+            out.append(session.run(None, graph_feeds(batch, names))[0])
         vectors[domain.name] = np.concatenate(out)
     np.savez(args.out, **vectors)
     return 0

@@ -15,11 +15,14 @@ import os
 import sys
 import tempfile
 
-import numpy as np
-
 
 def main() -> int:
-    from bench_common import default_model_rows, kernel_share, padded_batches  # puts the repository on sys.path
+    from bench_common import (  # puts the repository on sys.path
+        default_model_rows,
+        graph_feeds,
+        kernel_share,
+        padded_batches,
+    )
 
     from embedder.infer.devices import DEVICE_KINDS
 
@@ -41,9 +44,7 @@ def main() -> int:
     session = ort.InferenceSession(str(artifact.graphs[args.graph]), options, providers=["CPUExecutionProvider"])
     names = {i.name for i in session.get_inputs()}
     for batch in padded_batches(artifact, tokens, args.max_tokens):
-        feeds = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
-                 "token_type_ids": np.zeros_like(batch.input_ids)}
-        session.run(None, {k: v for k, v in feeds.items() if k in names})
+        session.run(None, graph_feeds(batch, names))
     seconds, share = kernel_share(session)
     print(json.dumps({"graph": artifact.graphs[args.graph].name, "rows": len(tokens.lengths),
                       "max_tokens": args.max_tokens, "threads": args.threads,

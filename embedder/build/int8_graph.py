@@ -19,9 +19,10 @@ docstrings / short sentences / multilingual mix):
   the export's gate there (alpha 0.6) 0.9979 / 0.9972 / 0.9953. Not on AVX2: smoothed activations fill the
   u8 range, and vpmaddubsw's int16 pair sums then saturate (alpha 0.5: gate 0.976 on Zen 3; 7-bit weights
   avoid it but fall to 0.991).
-Fewer fp32 first tokens do not pay on AVX2: scripts/bench_int8.py --avx2-gate (AVX2's int8 products, exact,
-under qemu-user) gives the first token in fp32 only where a MatMul reads a LayerNorm output calibration 0.9937
-on the multilingual mix (0.9972 on VNNI), so the export would keep MatMuls in fp32; at every MatMul, 0.9956.
+Fewer fp32 first tokens do not pay on AVX2: run under qemu-user's AVX2 CPU (exact in its int8 products;
+scripts/gate_vectors.py --calibration, as scripts/bench_int8.py --avx2-gate runs the gate), the first token in
+fp32 only where a MatMul reads a LayerNorm output calibrates at 0.9937 on the multilingual mix (0.9972 on
+VNNI), so the export would keep MatMuls in fp32 there; at every MatMul, 0.9956.
 
 Per input x that chosen MatMuls share (first token apart only for x of shape [batch, tokens, hidden]; a 2-D
 input, one row per text as a Dense layer after pooling takes, has none):
