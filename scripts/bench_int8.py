@@ -21,12 +21,12 @@ budget in alternating rounds (bench_common.paired_rates); quality is min and mea
 those rows and the export gate's figures; --profile adds onnxruntime's share of kernel time per
 operator type. Prints one JSON line with the CPU's ISA kind.
 
---avx2-gate adds each graph's gate on AVX2's int8 numerics, whatever this CPU: scripts/gate_vectors.py runs
-the gate texts under qemu-user with an AVX2-only CPU model (Haswell; apt install qemu-user). onnxruntime then
-takes its AVX2 kernels, and qemu executes vpmaddubsw with its int16 saturation, so the integer products are
-AVX2's bit for bit: the first token in fp32 everywhere read 0.9953 on the multilingual mix both so and on a
-real Zen 3. Emulated, a graph takes about 700x its native time (minutes per graph); timings there mean
-nothing, and none are taken.
+--avx2-gate adds each graph's gate on AVX2's int8 numerics, whatever this CPU: scripts/gate_vectors.py runs the
+gate texts as on an AVX2-only CPU (scripts/as_cpu.py: cpuid masked at native speed where the CPU faults on
+cpuid, else qemu-user's Haswell, about 700x slower). onnxruntime then takes its AVX2 kernels, whose vpmaddubsw
+saturates its int16 pair sums, so the integer products are AVX2's bit for bit: the first token in fp32
+everywhere read 0.9953 on the multilingual mix so, both ways, and on a real Zen 3. To time the variants on AVX2's
+kernels too, run the whole script that way: python scripts/as_cpu.py avx2 -- python scripts/bench_int8.py ...
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -64,6 +63,7 @@ VARIANTS = {
 
 
 def main() -> int:
+    import as_cpu  # scripts/ on sys.path
     from bench_common import (  # repository on sys.path
         default_model_rows,
         graph_feeds,
@@ -88,12 +88,11 @@ def main() -> int:
                    help="token budget per batch (default: the job's for the CPU)")
     p.add_argument("--alpha", type=float, default=0.6, help="SmoothQuant's alpha for the smooth variants")
     p.add_argument("--keep-fp32", default="", help="comma list of name parts: MatMuls whose name holds one stay fp32")
-    p.add_argument("--avx2-gate", action="store_true", help="also each graph's gate on AVX2's numerics, emulated")
+    p.add_argument("--avx2-gate", action="store_true", help="also each graph's gate on AVX2's numerics (as_cpu.py)")
     p.add_argument("--avx2-domains", default="", help="comma list: only these gate domains under emulation")
     args = p.parse_args()
-    qemu = shutil.which("qemu-x86_64")
-    if args.avx2_gate and not qemu:
-        sys.exit("bench_int8: --avx2-gate needs qemu-user (apt install qemu-user)")
+    if args.avx2_gate:
+        as_cpu.command("avx2", [])  # exits now, not after the timings, where this machine cannot
 
     import onnx
     import onnxruntime as ort
@@ -174,9 +173,9 @@ def main() -> int:
                 continue
             out = Path(tmp) / f"{name}.avx2.npz"
             only = [arg for d in args.avx2_domains.split(",") if d for arg in ("--domain", d)]
-            subprocess.run([qemu, "-cpu", "Haswell", sys.executable, str(Path(__file__).with_name("gate_vectors.py")),
-                            str(path), str(out), "--threads", str(args.threads), *only],
-                           check=True, stderr=subprocess.DEVNULL)
+            argv, env, _ = as_cpu.command("avx2", [sys.executable, str(Path(__file__).with_name("gate_vectors.py")),
+                                                   str(path), str(out), "--threads", str(args.threads), *only])
+            subprocess.run(argv, env=env, check=True, stderr=subprocess.DEVNULL)
             emulated = np.load(out)
             avx2_gate[name] = {d: round(float(row_cosines(emulated[d], fp32_gate[d]).min()), 4) for d in emulated.files}
         for name, path in graphs.items():
