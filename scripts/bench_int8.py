@@ -1,6 +1,7 @@
 """int8 quantization variants of the default model's CPU graph against fp32: speed, quality, time per operator.
 
-    python scripts/bench_int8.py --rows 1000 --variants per-token,smooth --profile
+    python scripts/bench_int8.py --rows 1000 --variants per-token,smooth,smooth-batch --profile
+    python scripts/as_cpu.py avx512-vnni -- python scripts/bench_int8.py --rows 1000 --variants smooth,smooth-batch
     python scripts/bench_int8.py --rows 1000 --variants per-token,per-token-ln-ft,per-token-qkv-ft,smooth-ft
     python scripts/bench_int8.py --rows 1500 --variants s8,s8-reduce-range,s8-per-tensor,u8
     python scripts/bench_int8.py --rows 1000 --variants per-token,per-token-first-int8 --keep-fp32 attention/self/value
@@ -11,10 +12,11 @@ Every weight MatMul quantized (but those whose names contain a --keep-fp32 part)
 int8 export weighs: onnxruntime's quantize_dynamic (weight type, per-channel scales, reduce_range: AVX2 without
 VNNI multiplies u8 x s8 with vpmaddubsw, whose int16 pair sums can saturate; 7-bit weights avoid it), whose
 activations share one scale per batch, and the export's rewrite (embedder.build.int8_graph), a scale per
-token: `per-token` (its recipe for AVX2: the first token in fp32 at every MatMul), `smooth` (its recipe for
-VNNI, at --alpha), `per-token-first-int8` and `smooth-ft` (the first token the other way), and the first
-token in fp32 only where a MatMul reads a LayerNorm output (`per-token-ln-ft`) or only at the query/key/value
-input (`per-token-qkv-ft`).
+token: `per-token` (its recipe for AVX2: the first token in fp32 at every MatMul), `smooth-batch` (its recipe
+for VNNI, at --alpha: smoothed, one scale per batch but at down-projections), `smooth` (the same with a scale
+per token everywhere, its VNNI recipe before), `per-token-first-int8` and `smooth-ft` (the first token the
+other way), and the first token in fp32 only where a MatMul reads a LayerNorm output (`per-token-ln-ft`) or
+only at the query/key/value input (`per-token-qkv-ft`).
 Variants measured once and dropped since (u8 x u8 products, s8 activations, one batch scale with the first
 token apart) are runnable at commit 6c3c27d. All graphs run the same docstring batches at the CPU's token
 budget in alternating rounds (bench_common.paired_rates); quality is min and mean cosine against fp32 over
@@ -55,10 +57,12 @@ VARIANTS = {
     "per-token-first-int8": None,
     "per-token-qkv-ft": None,
     "per-token-ln-ft": None,
-    # Its recipe for VNNI: activation outlier channels moved into the weights (SmoothQuant), the first token in
+    # Activation outlier channels moved into the weights (SmoothQuant), a scale per token, the first token in
     # int8 ... and in fp32.
     "smooth": None,
     "smooth-ft": None,
+    # Its recipe for VNNI: smoothed, one activation scale per batch except at down-projections, every token int8.
+    "smooth-batch": None,
 }
 
 
@@ -73,7 +77,7 @@ def main() -> int:
     )
 
     from embedder.build.gate import domains, row_cosines
-    from embedder.build.int8_graph import rewrite_int8, smoothing_factors
+    from embedder.build.int8_graph import batch_scaled, rewrite_int8, smoothing_factors
     from embedder.build.isa import describe
     from embedder.infer.devices import DEVICE_KINDS
     from embedder.infer.tokenize import TextTokenizer
@@ -129,20 +133,26 @@ def main() -> int:
         return {x: smoothing_factors(m, [w[n.input[1]] for n in chosen if n.input[0] == x], args.alpha)
                 for x, m in input_max.items()}
 
+    def matmul_weights(names: list[str]) -> dict[str, list]:
+        w = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+        chosen = [n for n in graph.node if n.name in set(names)]
+        return {x: [w[n.input[1]] for n in chosen if n.input[0] == x] for x in {n.input[0] for n in chosen}}
+
     with tempfile.TemporaryDirectory(prefix="embedder-int8-") as tmp:
         graphs = {"fp32": fp32}
         for name in args.variants.split(","):
             if VARIANTS[name] is None:
                 graphs[name] = Path(tmp) / f"{name}.onnx"
                 # Every weight MatMul of the default model takes [batch, tokens, hidden].
-                first_int8 = name in ("per-token-first-int8", "smooth")
+                first_int8 = name in ("per-token-first-int8", "smooth", "smooth-batch")
                 token_level = set() if first_int8 else {graph_inputs[n] for n in nodes}
                 if name == "per-token-qkv-ft":
                     token_level = {x for x in token_level if sum(graph_inputs[n] == x for n in nodes) == 3}
                 if name == "per-token-ln-ft":
                     token_level &= {n.output[0] for n in graph.node if n.op_type == "LayerNormalization"}
                 smoothing = smoothing_for(fp32, nodes) if name.startswith("smooth") else None
-                rewrite_int8(fp32, graphs[name], nodes, token_level, smoothing)
+                per_batch = batch_scaled(matmul_weights(nodes)) if name.startswith("smooth-batch") else set()
+                rewrite_int8(fp32, graphs[name], nodes, token_level, smoothing, per_batch=per_batch)
                 continue
             options = dict(VARIANTS[name])
             options["weight_type"] = getattr(QuantType, options["weight_type"])
@@ -191,7 +201,7 @@ def main() -> int:
                 profiled = session(path, profile=True)
                 for batch in batches:
                     profiled.run(None, graph_feeds(batch, inputs))
-                result["variants"][name]["kernel_share"] = dict(list(kernel_share(profiled)[1].items())[:8])
+                result["variants"][name]["kernel_share"] = dict(list(kernel_share(profiled)[1].items())[:16])
     print(json.dumps(result))
     return 0
 

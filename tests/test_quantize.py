@@ -13,6 +13,7 @@ from embedder.build.int8_graph import (
     FIRST_TOKEN_FP32,
     SMOOTHED,
     SMOOTHING_ALPHAS,
+    batch_scaled,
     quantize_weights,
     recipe_for,
     rewrite_int8,
@@ -68,6 +69,9 @@ def test_each_recipe_passes_its_gate_whatever_cpu_exports(recipe, model_zoo, tmp
         alphas = [t["alpha"] for t in quantization["search"]["trials"] if "alpha" in t]
         assert alphas == list(SMOOTHING_ALPHAS) and quantization["smoothing_alpha"] in alphas
         assert first_token_products == 0 and smoothing > 0
+        # One scale per batch, but a scale per token where the FFN comes back down.
+        ops = [n.op_type for n in nodes]
+        assert ops.count("DynamicQuantizeLinear") > 0 and ops.count("QuantizeLinear") > 0
     else:
         assert "smoothing_alpha" not in quantization
         assert first_token_products == quantization["quantized_nodes"] and smoothing == 0
@@ -170,15 +174,18 @@ def test_job_logs_an_int8_graph_timed_on_another_cpu_kind_or_no_faster(monkeypat
 # The rewrite itself, on one MatMul: onnxruntime's int8 kernels against the rounding it documents
 
 
-def one_matmul(tmp_path, w: np.ndarray, rank: int):
+def one_matmul(tmp_path, w: np.ndarray, rank: int, bias: np.ndarray | None = None):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     dims = ["batch", "tokens", w.shape[0]][-rank:]
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")], "one",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(w, "w")])
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["xw" if bias is not None else "y"], name="proj")]
+    initializers = [numpy_helper.from_array(w, "w")]
+    if bias is not None:
+        nodes.append(helper.make_node("Add", ["xw", "b"], ["y"], name="bias"))
+        initializers.append(numpy_helper.from_array(bias, "b"))
+    graph = helper.make_graph(nodes, "one", [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializers)
     path = tmp_path / f"fp32-{rank}.onnx"
     onnx.save(helper.make_model(graph, ir_version=9, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     return path
@@ -258,3 +265,31 @@ def test_smoothing_moves_an_outlier_channel_into_the_weights(tmp_path, weights):
     assert error["smoothed"] * 2 < error["plain"], error
     ops = [n.op_type for n in __import__("onnx").load(str(smoothed)).graph.node]
     assert "MatMul" not in ops and ops.count("MatMulIntegerToFloat") == 1  # every token int8
+
+
+def test_batch_scales_round_on_the_batch_grid_and_take_the_bias_in(tmp_path, weights):
+    rng = np.random.default_rng(7)
+    x = rng.normal(0.3, 1, (3, 7, 64)).astype(np.float32)
+    bias = rng.normal(0, 1, 48).astype(np.float32)
+    c = smoothing_factors(np.abs(x).max(axis=(0, 1)), [weights], alpha=0.5)
+    dst = tmp_path / "batch.onnx"
+    rewrite_int8(one_matmul(tmp_path, weights, 3, bias), dst, ["proj"], smoothing={"x": c}, per_batch={"x"})
+    w8, scale = quantize_weights(weights / c[:, None])
+    want = round_trip(x * c, first_token_apart=False, per_batch=True) @ (w8 * scale) + bias
+    np.testing.assert_allclose(run_graph(dst, x), want, rtol=1e-4, atol=1e-4)
+    # One grid for the batch: a token 40x louder coarsens every other token's rounding.
+    loud = x.copy()
+    loud[1, 3] *= 40
+    quiet = np.ones((3, 7), bool)
+    quiet[1, 3] = False
+    error = {name: np.abs(run_graph(dst, v) - (v @ weights + bias))[quiet].max() for name, v in (("x", x), ("loud", loud))}
+    assert error["loud"] > 5 * error["x"], error
+    ops = [n.op_type for n in __import__("onnx").load(str(dst)).graph.node]
+    assert ops == ["Mul", "DynamicQuantizeLinear", "MatMulIntegerToFloat"]  # the bias Add is in the product
+
+
+def test_down_projections_keep_a_scale_per_token():
+    # all-MiniLM-L6-v2's shapes: query/key/value share one input, the FFN widens 384 -> 1536 and comes back.
+    inputs = {"ln1": [np.zeros((384, 384))] * 3, "context": [np.zeros((384, 384))], "ln2": [np.zeros((384, 1536))],
+              "gelu": [np.zeros((1536, 384))]}
+    assert batch_scaled(inputs) == {"ln1", "context", "ln2"}

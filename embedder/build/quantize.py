@@ -1,6 +1,6 @@
-"""int8 graphs for the CPU that keep quality: every weight MatMul int8 with activations scaled per token, in
-the recipe that suits the exporting CPU (embedder.build.int8_graph), the sensitive ones left in fp32 only where
-the calibration sample asks for it, gated on another sample.
+"""int8 graphs for the CPU that keep quality: every weight MatMul int8, in the recipe that suits the exporting
+CPU (embedder.build.int8_graph: activation scales per token or, smoothed, per batch), the sensitive ones left
+in fp32 only where the calibration sample asks for it, gated on another sample.
 
 The search: the fp32 graph runs the calibration texts once with every candidate's input exposed, for each
 input's channel ranges (the smoothed recipe's factors) and whether it is per token. Everything int8 is tried
@@ -29,6 +29,7 @@ import numpy as np
 from embedder.build.gate import domains, row_cosines
 from embedder.build.int8_graph import (
     SMOOTHING_ALPHAS,
+    batch_scaled,
     quantize_weights,
     recipe_for,
     rewrite_int8,
@@ -77,12 +78,14 @@ def quantize_int8(graph_path: Path, feeds_for: Feeds, min_cosine: float | None =
     probe_feeds = feeds_for(calibration, 16)
     input_max, token_level = channel_max(graph_path, [n.input[0] for n in candidates], probe_feeds)
     first_token_fp32 = token_level if recipe.first_token_fp32 else set()
+    members = {x: [numpy_helper.to_array(weights[n.input[1]]) for n in candidates if n.input[0] == x] for x in input_max}
+    per_batch = batch_scaled(members) if recipe.per_batch else set()
     target = 1 - (1 - min_cosine) * _CALIBRATION_MARGIN
     trial = graph_path.with_name("int8-trial.onnx")
     trials: list[dict] = []
 
     def calibrated(int8_names: list[str], smoothing: dict | None, **record) -> float:
-        rewrite_int8(graph_path, trial, int8_names, first_token_fp32, smoothing)
+        rewrite_int8(graph_path, trial, int8_names, first_token_fp32, smoothing, per_batch)
         worst = float(row_cosines(run(trial, calib_feeds), reference).min())
         trials.append({**record, "calibration_min_cosine": round(worst, 6)})
         logger.info("int8: %s: calibration min cosine %.5f (target %.4f) [%.0f s]",
@@ -92,8 +95,6 @@ def quantize_int8(graph_path: Path, feeds_for: Feeds, min_cosine: float | None =
     try:
         smoothing, alpha = None, None
         if recipe.smoothed:
-            members = {x: [numpy_helper.to_array(weights[n.input[1]]) for n in candidates if n.input[0] == x]
-                       for x in input_max}
             by_alpha = {a: {x: smoothing_factors(m, members[x], a) for x, m in input_max.items()}
                         for a in SMOOTHING_ALPHAS}
             scores = {a: calibrated(names, s, alpha=a, fp32_nodes=0) for a, s in by_alpha.items()}
@@ -106,7 +107,7 @@ def quantize_int8(graph_path: Path, feeds_for: Feeds, min_cosine: float | None =
             count = 0
         else:
             logger.info("int8: ranking the MatMuls by their own int8 error to keep the worst in fp32")
-            errors = _sensitivity(graph_path, candidates, weights, probe_feeds, first_token_fp32, smoothing)
+            errors = _sensitivity(graph_path, candidates, weights, probe_feeds, first_token_fp32, smoothing, per_batch)
             # Ranked by error alone: ranked per weight element (keeping the cheap attention products in fp32
             # first) it needed 32 of 36 in fp32 instead of 22 on all-MiniLM-L6-v2, and ran slower.
             ranked = sorted(names, key=errors.__getitem__, reverse=True)
@@ -115,7 +116,7 @@ def quantize_int8(graph_path: Path, feeds_for: Feeds, min_cosine: float | None =
             raise ExportError(f"int8 quantization cannot reach min cosine {min_cosine} against fp32 even with one "
                               "MatMul quantized; use --precision fp32")
         excluded, kept = ranked[:count], ranked[count:]
-        rewrite_int8(graph_path, trial, kept, first_token_fp32, smoothing)
+        rewrite_int8(graph_path, trial, kept, first_token_fp32, smoothing, per_batch)
         gate = _gate(run, graph_path, trial, sample, feeds_for, min_cosine)
         speed = _speed(graph_path, trial, feeds_for(list(sample[0].gate[:_SPEED_TEXTS]), 32))
         trial.replace(graph_path)
@@ -181,7 +182,7 @@ def _fewest(passes: Callable[[int], bool], most: int) -> int | None:
 
 
 def _sensitivity(graph_path: Path, candidates: list, weights: dict, feeds: list[dict],
-                 first_token_fp32: set[str], smoothing: dict | None) -> dict[str, float]:
+                 first_token_fp32: set[str], smoothing: dict | None, per_batch: set[str]) -> dict[str, float]:
     """Each MatMul's relative output error with only itself in int8, worst over the batches, from one fp32 run;
     the rounding is the rewrite's (embedder.build.int8_graph)."""
     from onnx import numpy_helper
@@ -198,7 +199,8 @@ def _sensitivity(graph_path: Path, candidates: list, weights: dict, feeds: list[
         for node in candidates:
             x = values[node.input[0]]
             w, wq, c = quantized[node.name]
-            xq = round_trip(x * c, first_token_apart=node.input[0] in first_token_fp32).reshape(-1, x.shape[-1])
+            xq = round_trip(x * c, first_token_apart=node.input[0] in first_token_fp32,
+                            per_batch=node.input[0] in per_batch).reshape(-1, x.shape[-1])
             x = x.reshape(-1, x.shape[-1])
             sample = slice(None, None, max(1, len(x) // _SENSITIVITY_TOKENS))  # numpy is slow
             y = x[sample] @ w
