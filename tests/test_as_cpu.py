@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import as_cpu
 
-pytestmark = pytest.mark.skipif(not as_cpu.cpuid_faulting(), reason="this CPU has no cpuid faulting")
+pytestmark = pytest.mark.skipif(not (as_cpu.cpuid_faulting() and shutil.which("gcc")),
+                                reason="this CPU has no cpuid faulting (or gcc is missing)")
 
 # u8 255 x s8 127 over K = 64: AVX2's vpmaddubsw saturates each pair sum at 32767 (32 pairs), VNNI does not.
 PROBE = """

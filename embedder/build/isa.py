@@ -1,8 +1,8 @@
 """The CPU's vector extensions that decide int8 speed, and the log lines of an int8 graph on another CPU.
 
 onnxruntime's int8 matrix products take a different kernel per ISA: AVX-512 VNNI (and AVX-VNNI)
-multiply-add u8 x s8 into int32 in one instruction; plain AVX2 (and AVX-512 without VNNI) chains
-vpmaddubsw, whose int16 pair sums can saturate. The int8 export records the ISA it was gated and timed
+multiply-add u8 x s8 into int32 in one instruction (on AMX CPUs, Sapphire Rapids on, the tile unit does);
+plain AVX2 (and AVX-512 without VNNI) chains vpmaddubsw, whose int16 pair sums can saturate. The int8 export records the ISA it was gated and timed
 on; a job elsewhere logs that the figures are not from its CPU kind. Imported on the inference path:
 reads /proc/cpuinfo, nothing heavy.
 """
