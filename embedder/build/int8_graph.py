@@ -158,13 +158,13 @@ def rewrite_int8(src: Path, dst: Path, nodes: Sequence[str], first_token_fp32: C
         for name in node.input:
             readers.setdefault(name, []).append(node)
 
-    def bias_add(y: str):
-        """The Add that alone reads y and adds a constant vector to it, if there is one."""
+    def bias_add(y: str, columns: int):
+        """The Add that alone reads y and adds a constant vector of its columns to it, if there is one."""
         if len(readers.get(y, [])) != 1 or readers[y][0].op_type != "Add":
             return None
         add = readers[y][0]
         other = add.input[1] if add.input[0] == y else add.input[0]
-        return add if other in weights and len(weights[other].dims) == 1 else None
+        return add if other in weights and list(weights[other].dims) == [columns] else None
 
     for index, (x, members) in enumerate(shared.items()):
         p = f"i8_{index}_"
@@ -184,7 +184,7 @@ def rewrite_int8(src: Path, dst: Path, nodes: Sequence[str], first_token_fp32: C
                 added += [numpy_helper.from_array(w8, name + "w"), numpy_helper.from_array(w_scale, name + "w_scale")]
                 # A bias Add right after goes into the product (as onnxruntime's own fusion does for its
                 # dynamic quantization): one pass over the output less.
-                add = bias_add(node.output[0])
+                add = bias_add(node.output[0], w.shape[1])
                 bias, out = (add.input[1] if add.input[0] == node.output[0] else add.input[0], add.output[0]) \
                     if add else ("", node.output[0])
                 if add:
