@@ -121,22 +121,20 @@ def main() -> int:
             options.profile_file_prefix = os.path.join(tempfile.gettempdir(), "embedder-int8-profile")
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
+    def matmul_weights(names: list[str]) -> dict[str, list]:
+        """Each input of these MatMuls -> the weights of those reading it."""
+        w = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+        chosen = [n for n in graph.node if n.name in set(names)]
+        return {x: [w[n.input[1]] for n in chosen if n.input[0] == x] for x in {n.input[0] for n in chosen}}
+
     def smoothing_for(path: Path, names: list[str]) -> dict:
         from embedder.build.quantize import channel_max
         calibration = [t for d in domains() for t in d.calibration]
         tokenizer = TextTokenizer(artifact.tokenizer_path, artifact.manifest.max_seq_length)
         batches = padded_batches(artifact, tokenizer.encode(calibration), args.max_tokens)
-        chosen = [n for n in graph.node if n.name in set(names)]
-        input_max, _ = channel_max(path, [n.input[0] for n in chosen],
-                                   [graph_feeds(b, {i.name for i in graph.input}) for b in batches])
-        w = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
-        return {x: smoothing_factors(m, [w[n.input[1]] for n in chosen if n.input[0] == x], args.alpha)
-                for x, m in input_max.items()}
-
-    def matmul_weights(names: list[str]) -> dict[str, list]:
-        w = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
-        chosen = [n for n in graph.node if n.name in set(names)]
-        return {x: [w[n.input[1]] for n in chosen if n.input[0] == x] for x in {n.input[0] for n in chosen}}
+        members = matmul_weights(names)
+        input_max, _ = channel_max(path, list(members), [graph_feeds(b, {i.name for i in graph.input}) for b in batches])
+        return {x: smoothing_factors(m, members[x], args.alpha) for x, m in input_max.items()}
 
     with tempfile.TemporaryDirectory(prefix="embedder-int8-") as tmp:
         graphs = {"fp32": fp32}
@@ -151,7 +149,7 @@ def main() -> int:
                 if name == "per-token-ln-ft":
                     token_level &= {n.output[0] for n in graph.node if n.op_type == "LayerNormalization"}
                 smoothing = smoothing_for(fp32, nodes) if name.startswith("smooth") else None
-                per_batch = batch_scaled(matmul_weights(nodes)) if name.startswith("smooth-batch") else set()
+                per_batch = batch_scaled(matmul_weights(nodes)) if name == "smooth-batch" else set()
                 rewrite_int8(fp32, graphs[name], nodes, token_level, smoothing, per_batch=per_batch)
                 continue
             options = dict(VARIANTS[name])

@@ -14,8 +14,8 @@ multilingual mix. The recipes, all 36 MatMuls int8 (scripts/bench_int8.py --rows
 docstrings / short sentences / multilingual mix; "VNNI without AMX" is the Xeon below with AMX masked by
 scripts/as_cpu.py, the int8 kernels of Zen 4/5 and Ice Lake Xeons, on Sapphire Rapids cores):
 - FIRST_TOKEN_FP32: a scale per token, each text's first token through the fp32 weights. Gate 0.9985 /
-  0.9979 / 0.9976; 1.69-1.79x fp32 on AVX-512 VNNI with AMX (Xeon, Sapphire Rapids, 2 threads), 1.46x on VNNI
-  without AMX, 1.25-1.34x on AVX2 (Zen 3; 1.30-1.32x on that Xeon masked to AVX2).
+  0.9979 / 0.9976; 1.69-1.79x fp32 on AVX-512 VNNI with AMX (Xeon, Sapphire Rapids, 2 threads), 1.44-1.46x on
+  VNNI without AMX, 1.25-1.34x on AVX2 (Zen 3; 1.30-1.32x on that Xeon masked to AVX2).
 - SMOOTHED: SmoothQuant (Xiao et al., 2022): each input channel scaled by c, the weights' rows by 1/c, which
   moves part of an outlier channel's range into the weights; every token int8. Smoothed, one activation scale
   per batch is enough (onnxruntime's DynamicQuantizeLinear, whose scale is computed once per shared input and
@@ -23,7 +23,7 @@ scripts/as_cpu.py, the int8 kernels of Zen 4/5 and Ice Lake Xeons, on Sapphire R
   on VNNI with AMX, 1.80x on VNNI without it, gate 0.998 / 0.9965 / 0.9936; with a scale per token
   everywhere (the recipe before), 1.67x and 1.59x, 0.9973 / 0.9968 / 0.9944.
   Not on AVX2: smoothed activations fill the u8 range, and vpmaddubsw's int16 pair sums then saturate (gate
-  0.976 on Zen 3 for a scale per token; 0.9765 with batch scales, masked; 7-bit weights avoid it but fall
+  0.976 on Zen 3 for a scale per token; 0.947 with batch scales at alpha 0.6, masked; 7-bit weights avoid it but fall
   to 0.991).
 Fewer fp32 first tokens do not pay on AVX2: on AVX2's int8 kernels (exact in their int8 products;
 scripts/gate_vectors.py --calibration, as scripts/bench_int8.py --avx2-gate runs the gate), the first token in
@@ -50,7 +50,8 @@ from pathlib import Path
 
 import numpy as np
 
-INT8_FORMAT = 4  # in int8 cache keys; 4: smoothed with batch scales; 3: the recipes (2: per token, first token fp32; 1: quantize_dynamic)
+# In int8 cache keys. 4: smoothed with batch scales; 3: the recipes; 2: per token, first token fp32; 1: quantize_dynamic
+INT8_FORMAT = 4
 
 _LARGE = 2**62  # a Slice end past any sequence
 
@@ -87,7 +88,8 @@ def recipe_for(isa_kind: str) -> Recipe:
 def batch_scaled(inputs: Mapping[str, Sequence[np.ndarray]]) -> set[str]:
     """The inputs (name -> weights of the MatMuls reading it) to quantize with one scale per batch: all but those
     of down-projections (more rows than columns, the FFN's output projection), which read an activation's
-    output (GELU), heavy-tailed per token: one batch scale there cost all-MiniLM-L6-v2 0.990 -> 0.997."""
+    output (GELU), heavy-tailed per token: with one batch scale there too, all-MiniLM-L6-v2's gate mix read
+    0.990, against 0.997 with those products left in fp32."""
     return {x for x, ws in inputs.items() if all(w.shape[0] <= w.shape[1] for w in ws)}
 
 
@@ -126,8 +128,8 @@ def rewrite_int8(src: Path, dst: Path, nodes: Sequence[str], first_token_fp32: C
     """Write src with these weight MatMuls in int8 to dst. first_token_fp32: the MatMul inputs, shaped [batch,
     tokens, hidden], whose first token stays fp32 (known from a run: the exported graphs' shapes are symbolic).
     smoothing: the channel multipliers (smoothing_factors) of the inputs to smooth. per_batch: the inputs
-    quantized with one scale per batch instead (onnxruntime's DynamicQuantizeMatMul: u8 from the batch's min
-    and max, one fused op per MatMul)."""
+    quantized with one scale per batch instead (onnxruntime's DynamicQuantizeLinear: u8 from the batch's min
+    and max, once per input whatever the MatMuls sharing it)."""
     smoothing = smoothing or {}
     import onnx
     from onnx import helper, numpy_helper
@@ -158,6 +160,14 @@ def rewrite_int8(src: Path, dst: Path, nodes: Sequence[str], first_token_fp32: C
         for name in node.input:
             readers.setdefault(name, []).append(node)
 
+    def int8_weights(node, c: np.ndarray | None, name: str) -> int:
+        """The node's weights, divided by c where smoothed, as s8 initializers name+"w" and name+"w_scale";
+        returns their column count."""
+        w = numpy_helper.to_array(weights[node.input[1]]).astype(np.float32)
+        w8, w_scale = quantize_weights(w if c is None else w / c[:, None])
+        added.extend([numpy_helper.from_array(w8, name + "w"), numpy_helper.from_array(w_scale, name + "w_scale")])
+        return w.shape[1]
+
     def bias_add(y: str, columns: int):
         """The Add that alone reads y and adds a constant vector of its columns to it, if there is one."""
         if len(readers.get(y, [])) != 1 or readers[y][0].op_type != "Add":
@@ -178,13 +188,11 @@ def rewrite_int8(src: Path, dst: Path, nodes: Sequence[str], first_token_fp32: C
         if x in per_batch:
             prelude.append(helper.make_node("DynamicQuantizeLinear", [source], [p + "q", p + "step", p + "zero"]))
             for j, node in enumerate(members):
-                w = numpy_helper.to_array(weights[node.input[1]]).astype(np.float32)
-                w8, w_scale = quantize_weights(w if c is None else w / c[:, None])
                 name = f"{p}{j}_"
-                added += [numpy_helper.from_array(w8, name + "w"), numpy_helper.from_array(w_scale, name + "w_scale")]
+                columns = int8_weights(node, c, name)
                 # A bias Add right after goes into the product (as onnxruntime's own fusion does for its
                 # dynamic quantization): one pass over the output less.
-                add = bias_add(node.output[0], w.shape[1])
+                add = bias_add(node.output[0], columns)
                 bias, out = (add.input[1] if add.input[0] == node.output[0] else add.input[0], add.output[0]) \
                     if add else ("", node.output[0])
                 if add:
@@ -208,10 +216,8 @@ def rewrite_int8(src: Path, dst: Path, nodes: Sequence[str], first_token_fp32: C
                         helper.make_node("Slice", [x, "i8_0", "i8_1", "i8_1"], [p + "first"])]
             q, scale = p + "q_rest", p + "scale_rest"
         for j, node in enumerate(members):
-            w = numpy_helper.to_array(weights[node.input[1]]).astype(np.float32)
-            w8, w_scale = quantize_weights(w if c is None else w / c[:, None])
             name = f"{p}{j}_"
-            added += [numpy_helper.from_array(w8, name + "w"), numpy_helper.from_array(w_scale, name + "w_scale")]
+            int8_weights(node, c, name)
             scaled = name + "rest" if split else node.output[0]
             replacement[node.name] = (prelude if j == 0 else []) + [
                 helper.make_node("MatMulIntegerToFloat", [q, name + "w", "i8_step", name + "w_scale", "i8_zero_point"],
