@@ -171,6 +171,20 @@ def test_job_logs_an_int8_graph_timed_on_another_cpu_kind_or_no_faster(monkeypat
         assert not caplog.text
 
 
+def test_job_says_when_the_int8_speed_was_timed_with_amx_and_this_cpu_has_none(monkeypatch, caplog):
+    record = {"speed": {"isa": {"kind": "avx512-vnni", "flags": ["avx2", "avx512_vnni", "amx_int8"]}, "ratio": 2.4}}
+    monkeypatch.setattr(isa, "isa_kind", lambda flags=None: "avx512-vnni")
+    monkeypatch.setattr(isa, "cpu_flags", lambda: ("avx2", "avx512f", "avx512_vnni"))
+    with caplog.at_level("INFO", logger="embedder.build.isa"):
+        note_int8_host(record)
+        assert "2.40x fp32 on a avx512-vnni CPU with AMX, running on one without" in caplog.text
+        assert "expect a lower ratio" in caplog.text
+        caplog.clear()
+        monkeypatch.setattr(isa, "cpu_flags", lambda: ("avx2", "avx512f", "avx512_vnni", "amx_int8"))
+        note_int8_host(record)  # the same kind of CPU it was timed on: nothing to say
+        assert not caplog.text
+
+
 # The rewrite itself, on one MatMul: onnxruntime's int8 kernels against the rounding it documents
 
 
