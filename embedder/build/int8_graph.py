@@ -193,9 +193,9 @@ def rewrite_int8(src: Path, dst: Path, nodes: Sequence[str], first_token_fp32: C
                 # A bias Add right after goes into the product (as onnxruntime's own fusion does for its
                 # dynamic quantization): one pass over the output less.
                 add = bias_add(node.output[0], columns)
-                bias, out = (add.input[1] if add.input[0] == node.output[0] else add.input[0], add.output[0]) \
-                    if add else ("", node.output[0])
+                bias, out = "", node.output[0]
                 if add:
+                    bias, out = add.input[1] if add.input[0] == out else add.input[0], add.output[0]
                     dropped.add(add.name)
                 replacement[node.name] = (prelude if j == 0 else []) + [helper.make_node(
                     "MatMulIntegerToFloat", [p + "q", name + "w", p + "step", name + "w_scale", p + "zero", "", bias],

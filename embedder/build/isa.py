@@ -2,10 +2,10 @@
 
 onnxruntime's int8 matrix products take a different kernel per ISA: AVX-512 VNNI (and AVX-VNNI)
 multiply-add u8 x s8 into int32 in one instruction (on AMX CPUs, Sapphire Rapids on, the tile unit does);
-plain AVX2 (and AVX-512 without VNNI) chains vpmaddubsw, whose int16 pair sums can saturate. The int8 export records the ISA it was gated and timed
-on; a job elsewhere logs that the figures are not from its CPU kind (or that AMX, which the
-exporting CPU had or lacked, made its ratio higher or lower). Imported on the inference path:
-reads /proc/cpuinfo, nothing heavy.
+plain AVX2 (and AVX-512 without VNNI) chains vpmaddubsw, whose int16 pair sums can saturate. The int8 export
+records the ISA it was gated and timed on; a job elsewhere logs that the figures are not from its CPU kind
+(or that AMX, which the exporting CPU had or lacked, made its ratio higher or lower). Imported on the
+inference path: reads /proc/cpuinfo, nothing heavy.
 """
 
 from __future__ import annotations
@@ -62,9 +62,10 @@ def note_int8_host(quantization: dict | None) -> None:
     speed = (quantization or {}).get("speed")
     if not speed:
         return
-    here, there, ratio = isa_kind(), speed.get("isa", {}).get("kind"), speed.get("ratio")
+    flags = cpu_flags()
+    here, there, ratio = isa_kind(flags), speed.get("isa", {}).get("kind"), speed.get("ratio")
     # AMX shares the VNNI recipe (same kind) but not its speed: onnxruntime sends u8 x s8 products to the tiles.
-    amx_there, amx_here = "amx_int8" in speed.get("isa", {}).get("flags", ()), "amx_int8" in cpu_flags()
+    amx_there, amx_here = "amx_int8" in speed.get("isa", {}).get("flags", ()), "amx_int8" in flags
     if there == here and amx_there != amx_here:
         logger.info("int8 graph timed at %.2fx fp32 on a %s CPU %s AMX, running on one %s: the same recipe and "
                     "gate, but expect a %s ratio here", ratio or 0, there, "with" if amx_there else "without",
