@@ -1,33 +1,34 @@
 """int8 quantization variants of the default model's CPU graph against fp32: speed, quality, time per operator.
 
-    python scripts/bench_int8.py --rows 1000 --variants per-token,smooth,smooth-batch --profile
+    python scripts/bench_int8.py --rows 1000 --variants smooth,smooth-batch,smooth-7bit --profile
+    python scripts/as_cpu.py avx2 -- python scripts/bench_int8.py --rows 1000 --variants smooth-7bit,smooth-7bit-nearest
     python scripts/as_cpu.py avx512-vnni -- python scripts/bench_int8.py --rows 1000 --variants smooth,smooth-batch
-    python scripts/bench_int8.py --rows 1000 --variants per-token,per-token-ln-ft,per-token-qkv-ft,smooth-ft
     python scripts/bench_int8.py --rows 1500 --variants s8,s8-reduce-range,s8-per-tensor,u8
-    python scripts/bench_int8.py --rows 1000 --variants per-token,per-token-first-int8 --keep-fp32 attention/self/value
-    python scripts/bench_int8.py --rows 100 --repeats 1 --variants per-token,per-token-ln-ft --avx2-gate \
+    python scripts/bench_int8.py --rows 1000 --variants smooth-7bit --keep-fp32 attention/self/value
+    python scripts/bench_int8.py --rows 100 --repeats 1 --variants smooth-7bit --avx2-gate \
         --avx2-domains 'multilingual and emoji'
 
 Every weight MatMul quantized (but those whose names contain a --keep-fp32 part), one variant per choice the
 int8 export weighs: onnxruntime's quantize_dynamic (weight type, per-channel scales, reduce_range: AVX2 without
 VNNI multiplies u8 x s8 with vpmaddubsw, whose int16 pair sums can saturate; 7-bit weights avoid it), whose
-activations share one scale per batch, and the export's rewrite (embedder.build.int8_graph), a scale per
-token: `per-token` (its recipe for AVX2: the first token in fp32 at every MatMul), `smooth-batch` (its recipe
-for VNNI, at --alpha: smoothed, one scale per batch but at down-projections), `smooth` (the same with a scale
-per token everywhere, its VNNI recipe before), `per-token-first-int8` and `smooth-ft` (the first token the
-other way), and the first token in fp32 only where a MatMul reads a LayerNorm output (`per-token-ln-ft`) or
-only at the query/key/value input (`per-token-qkv-ft`).
-Variants measured once and dropped since (u8 x u8 products, s8 activations, one batch scale with the first
-token apart) are runnable at commit 6c3c27d. All graphs run the same docstring batches at the CPU's token
-budget in alternating rounds (bench_common.paired_rates); quality is min and mean cosine against fp32 over
-those rows and the export gate's figures; --profile adds onnxruntime's share of kernel time per
-operator type. Prints one JSON line with the CPU's ISA kind.
+activations share one scale per batch, and the export's rewrite (embedder.build.int8_graph), smoothed at
+--alpha: `smooth-batch` (its recipe for VNNI: one scale per batch but at down-projections), `smooth-7bit` (its
+recipe elsewhere: a scale per token, 7-bit weights rounded by GPTQ on the calibration texts),
+`smooth-7bit-nearest` (the same rounded to nearest) and `smooth` (a scale per token, 8-bit weights, its VNNI
+recipe before).
+Variants measured once and dropped since are runnable at older commits: u8 x u8 products, s8 activations and
+one batch scale with the first token apart at 6c3c27d; a scale per token with each text's first token through
+the fp32 weights (the AVX2 recipe before, `per-token`), in part (`per-token-ln-ft`, `per-token-qkv-ft`) or not
+at all (`per-token-first-int8`), and `smooth-ft`, at bee7c3b. All graphs run the same docstring batches at
+the CPU's token budget in alternating rounds (bench_common.paired_rates); quality is min and mean cosine
+against fp32 over those rows and the export gate's figures; --profile adds onnxruntime's share of kernel time
+per operator type. Prints one JSON line with the CPU's ISA kind.
 
 --avx2-gate adds each graph's gate on AVX2's int8 numerics, whatever this CPU: scripts/gate_vectors.py runs the
 gate texts as on an AVX2-only CPU (scripts/as_cpu.py: cpuid masked at native speed where the CPU faults on
 cpuid, else qemu-user's Haswell, about 700x slower). onnxruntime then takes its AVX2 kernels, whose vpmaddubsw
-saturates its int16 pair sums, so the integer products are AVX2's bit for bit: the first token in fp32
-everywhere read 0.9953 on the multilingual mix so, both ways, and on a real Zen 3. To time the variants on AVX2's
+saturates its int16 pair sums, so the integer products are AVX2's bit for bit: the AVX2 recipe before
+(`per-token` at bee7c3b) read 0.9953 on the multilingual mix so, both ways, and on a real Zen 3. To time the variants on AVX2's
 kernels too, run the whole script that way: python scripts/as_cpu.py avx2 -- python scripts/bench_int8.py ...
 """
 
@@ -48,21 +49,16 @@ VARIANTS = {
     "s8-reduce-range": {"weight_type": "QInt8", "per_channel": True, "reduce_range": True},
     "s8-per-tensor": {"weight_type": "QInt8", "per_channel": False},
     "u8": {"weight_type": "QUInt8", "per_channel": True},
-    # The export's rewrite (embedder.build.int8_graph), scales per token: its recipe for AVX2, the first token
-    # in fp32 ...
-    "per-token": None,
-    # ... with the first token in int8 too, and with it in fp32 only where the attention sink's channel feeds
-    # attention (the inputs that the query, key and value projections share), or where a MatMul reads a
-    # LayerNorm output (the query/key/value and FFN-in projections).
-    "per-token-first-int8": None,
-    "per-token-qkv-ft": None,
-    "per-token-ln-ft": None,
-    # Activation outlier channels moved into the weights (SmoothQuant), a scale per token, the first token in
-    # int8 ... and in fp32.
-    "smooth": None,
-    "smooth-ft": None,
-    # Its recipe for VNNI: smoothed, one activation scale per batch except at down-projections, every token int8.
+    # The export's rewrite (embedder.build.int8_graph): activation outlier channels moved into the weights
+    # (SmoothQuant), every token int8. Its recipe for VNNI: one activation scale per batch except at
+    # down-projections.
     "smooth-batch": None,
+    # Its recipe elsewhere: a scale per token, 7-bit weights (AVX2's products cannot saturate) rounded by GPTQ
+    # ... and rounded to nearest.
+    "smooth-7bit": None,
+    "smooth-7bit-nearest": None,
+    # A scale per token, 8-bit weights.
+    "smooth": None,
 }
 
 
@@ -77,7 +73,7 @@ def main() -> int:
     )
 
     from embedder.build.gate import domains, row_cosines
-    from embedder.build.int8_graph import batch_scaled, rewrite_int8, smoothing_factors
+    from embedder.build.int8_graph import SMOOTHED, SMOOTHED_7BIT, batch_scaled, rewrite_int8, smoothing_factors
     from embedder.build.isa import describe
     from embedder.infer.devices import DEVICE_KINDS
     from embedder.infer.tokenize import TextTokenizer
@@ -110,7 +106,6 @@ def main() -> int:
     kept = [part for part in args.keep_fp32.split(",") if part]
     nodes = [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights
              and not any(part in n.name for part in kept)]
-    graph_inputs = {n.name: n.input[0] for n in graph.node if n.op_type == "MatMul"}
 
     def session(path: Path, profile: bool = False):
         options = ort.SessionOptions()
@@ -127,30 +122,27 @@ def main() -> int:
         chosen = [n for n in graph.node if n.name in set(names)]
         return {x: [w[n.input[1]] for n in chosen if n.input[0] == x] for x in {n.input[0] for n in chosen}}
 
-    def smoothing_for(path: Path, names: list[str]) -> dict:
-        from embedder.build.quantize import channel_max
+    def calibrated(names: list[str]) -> tuple[dict, dict]:
+        """(smoothing factors at --alpha, Gram matrices) of these MatMuls' inputs on the export's calibration texts."""
+        from embedder.build.quantize import input_statistics
         calibration = [t for d in domains() for t in d.calibration]
         tokenizer = TextTokenizer(artifact.tokenizer_path, artifact.manifest.max_seq_length)
         batches = padded_batches(artifact, tokenizer.encode(calibration), args.max_tokens)
         members = matmul_weights(names)
-        input_max, _ = channel_max(path, list(members), [graph_feeds(b, {i.name for i in graph.input}) for b in batches])
-        return {x: smoothing_factors(m, members[x], args.alpha) for x, m in input_max.items()}
+        feeds = [graph_feeds(b, {i.name for i in graph.input}) for b in batches]
+        input_max, grams = input_statistics(fp32, list(members), feeds, grams=True)
+        return {x: smoothing_factors(m, members[x], args.alpha) for x, m in input_max.items()}, grams
 
     with tempfile.TemporaryDirectory(prefix="embedder-int8-") as tmp:
         graphs = {"fp32": fp32}
+        smoothing, grams = calibrated(nodes)
         for name in args.variants.split(","):
             if VARIANTS[name] is None:
                 graphs[name] = Path(tmp) / f"{name}.onnx"
-                # Every weight MatMul of the default model takes [batch, tokens, hidden].
-                first_int8 = name in ("per-token-first-int8", "smooth", "smooth-batch")
-                token_level = set() if first_int8 else {graph_inputs[n] for n in nodes}
-                if name == "per-token-qkv-ft":
-                    token_level = {x for x in token_level if sum(graph_inputs[n] == x for n in nodes) == 3}
-                if name == "per-token-ln-ft":
-                    token_level &= {n.output[0] for n in graph.node if n.op_type == "LayerNormalization"}
-                smoothing = smoothing_for(fp32, nodes) if name.startswith("smooth") else None
                 per_batch = batch_scaled(matmul_weights(nodes)) if name == "smooth-batch" else set()
-                rewrite_int8(fp32, graphs[name], nodes, token_level, smoothing, per_batch=per_batch)
+                bits = SMOOTHED_7BIT.weight_bits if name.startswith("smooth-7bit") else SMOOTHED.weight_bits
+                rewrite_int8(fp32, graphs[name], nodes, smoothing, per_batch, bits,
+                             grams if name == "smooth-7bit" else None)
                 continue
             options = dict(VARIANTS[name])
             options["weight_type"] = getattr(QuantType, options["weight_type"])

@@ -501,6 +501,31 @@ def reference_pooler_vectors(model_path: Path, texts: list[str], max_length: int
         return torch.nn.functional.normalize(vectors, dim=1).numpy()
 
 
+def one_matmul(tmp_path: Path, w: np.ndarray, rank: int, bias: np.ndarray | None = None) -> Path:
+    """A graph of one weight MatMul named "proj" (and a bias Add) on an input "x" of this rank."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    dims = ["batch", "tokens", w.shape[0]][-rank:]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["xw" if bias is not None else "y"], name="proj")]
+    initializers = [numpy_helper.from_array(w, "w")]
+    if bias is not None:
+        nodes.append(helper.make_node("Add", ["xw", "b"], ["y"], name="bias"))
+        initializers.append(numpy_helper.from_array(bias, "b"))
+    graph = helper.make_graph(nodes, "one", [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializers)
+    path = tmp_path / f"fp32-{rank}.onnx"
+    onnx.save(helper.make_model(graph, ir_version=9, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def run_graph(path: Path, x: np.ndarray) -> np.ndarray:
+    """The graph's output for input "x" on the CPU provider."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Row-wise cosine similarity."""
     return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from models import TEXTS, cosines, onnx_vectors
+from models import TEXTS, cosines, one_matmul, onnx_vectors, run_graph
 
 from embedder import ExportOptions, get_or_export, load_spec
 from embedder.build import isa, quantize
 from embedder.build.gate import domains
 from embedder.build.int8_graph import (
-    FIRST_TOKEN_FP32,
     SMOOTHED,
+    SMOOTHED_7BIT,
     SMOOTHING_ALPHAS,
     batch_scaled,
     quantize_weights,
@@ -54,7 +54,7 @@ def test_int8_graph_passes_its_gate_and_records_it(int8_artifact, exported):
     assert quantization["recipe"] == recipe_for(isa_kind()).name
 
 
-@pytest.mark.parametrize("recipe", [FIRST_TOKEN_FP32, SMOOTHED], ids=lambda r: r.name)
+@pytest.mark.parametrize("recipe", [SMOOTHED, SMOOTHED_7BIT], ids=lambda r: r.name)
 def test_each_recipe_passes_its_gate_whatever_cpu_exports(recipe, model_zoo, tmp_path, monkeypatch):
     monkeypatch.setattr(quantize, "recipe_for", lambda kind: recipe)
     artifact = get_or_export(load_spec(model_zoo.model_arg("bert")), ExportOptions(precision="int8"), tmp_path)
@@ -62,19 +62,20 @@ def test_each_recipe_passes_its_gate_whatever_cpu_exports(recipe, model_zoo, tmp
     assert quantization["recipe"] == recipe.name and quantization["gate"]["min_cosine"] >= 0.99
     nodes = __import__("onnx").load(str(artifact.graph_path)).graph.node
     assert sum(n.op_type == "MatMulIntegerToFloat" for n in nodes) == quantization["quantized_nodes"] > 0
-    # First tokens through the fp32 weights: one fp32 product per int8 one, or none.
-    first_token_products = sum(n.op_type == "MatMul" and n.output[0].endswith("_first") for n in nodes)
-    smoothing = sum(n.op_type == "Mul" and n.output[0].endswith("_smoothed") for n in nodes)
-    if recipe.smoothed:  # every alpha tried on calibration, the best kept
-        alphas = [t["alpha"] for t in quantization["search"]["trials"] if "alpha" in t]
-        assert alphas == list(SMOOTHING_ALPHAS) and quantization["smoothing_alpha"] in alphas
-        assert first_token_products == 0 and smoothing > 0
-        # One scale per batch, but a scale per token where the FFN comes back down.
-        ops = [n.op_type for n in nodes]
+    # Every alpha tried on calibration, the best kept; every quantized input smoothed.
+    alphas = [t["alpha"] for t in quantization["search"]["trials"] if "alpha" in t]
+    assert alphas == list(SMOOTHING_ALPHAS) and quantization["smoothing_alpha"] in alphas
+    assert sum(n.op_type == "Mul" and n.output[0].endswith("_smoothed") for n in nodes) > 0
+    ops = [n.op_type for n in nodes]
+    assert quantization["weight_bits"] == recipe.weight_bits
+    if recipe.per_batch:  # one scale per batch, but a scale per token where the FFN comes back down
         assert ops.count("DynamicQuantizeLinear") > 0 and ops.count("QuantizeLinear") > 0
-    else:
-        assert "smoothing_alpha" not in quantization
-        assert first_token_products == quantization["quantized_nodes"] and smoothing == 0
+    else:  # a scale per token everywhere, weights in -63..63: AVX2's int16 pair sums cannot saturate
+        assert ops.count("DynamicQuantizeLinear") == 0 and ops.count("QuantizeLinear") > 0
+        from onnx import numpy_helper
+        int8 = [numpy_helper.to_array(t) for t in __import__("onnx").load(str(artifact.graph_path)).graph.initializer
+                if t.data_type == 3]  # INT8
+        assert int8 and 56 <= max(int(np.abs(w.astype(np.int32)).max()) for w in int8) <= 63
     got, want = onnx_vectors(artifact, TEXTS), onnx_vectors(exported_fp32(model_zoo, tmp_path), TEXTS)
     assert cosines(got, want).min() >= 0.99
 
@@ -86,7 +87,7 @@ def exported_fp32(model_zoo, tmp_path):
 def test_the_recipe_follows_the_cpu_kind_and_so_does_the_cache_key(model_zoo, monkeypatch):
     # VNNI adds u8 x s8 products in int32; AVX2 (and AVX-512 without VNNI) in saturating int16 pairs.
     assert recipe_for("avx512-vnni") is recipe_for("avx-vnni") is SMOOTHED
-    assert recipe_for("avx2") is recipe_for("avx512") is recipe_for("other") is FIRST_TOKEN_FP32
+    assert recipe_for("avx2") is recipe_for("avx512") is recipe_for("other") is SMOOTHED_7BIT
     from embedder.build import cache
 
     spec, keys = load_spec(model_zoo.model_arg("bert")), {}
@@ -188,29 +189,6 @@ def test_job_says_when_the_int8_speed_was_timed_with_amx_and_this_cpu_has_none(m
 # The rewrite itself, on one MatMul: onnxruntime's int8 kernels against the rounding it documents
 
 
-def one_matmul(tmp_path, w: np.ndarray, rank: int, bias: np.ndarray | None = None):
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    dims = ["batch", "tokens", w.shape[0]][-rank:]
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["xw" if bias is not None else "y"], name="proj")]
-    initializers = [numpy_helper.from_array(w, "w")]
-    if bias is not None:
-        nodes.append(helper.make_node("Add", ["xw", "b"], ["y"], name="bias"))
-        initializers.append(numpy_helper.from_array(bias, "b"))
-    graph = helper.make_graph(nodes, "one", [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializers)
-    path = tmp_path / f"fp32-{rank}.onnx"
-    onnx.save(helper.make_model(graph, ir_version=9, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    return path
-
-
-def run_graph(path, x):
-    import onnxruntime as ort
-
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-
-
 @pytest.fixture
 def weights():
     """Weights whose odd input rows are tiny. AVX2 without VNNI adds u8 x s8 products in pairs of adjacent inputs
@@ -221,42 +199,39 @@ def weights():
     return w
 
 
-def test_rewrite_gives_each_token_its_scale_and_keeps_the_first_token_exact(tmp_path, weights):
+def test_rewrite_gives_each_token_its_scale(tmp_path, weights):
     rng = np.random.default_rng(4)
     x = rng.normal(0, 1, (3, 7, 64)).astype(np.float32)
     x[:, 0, 5] = 60.0  # the attention sink's massive channel
     x[1, 3] *= 40  # a loud token does not coarsen its neighbours
     x[2, 6] = 0.0  # an all-zero (padding-like) token
     src, dst = one_matmul(tmp_path, weights, 3), tmp_path / "int8.onnx"
-    rewrite_int8(src, dst, ["proj"], first_token_fp32={"x"})
+    rewrite_int8(src, dst, ["proj"])
     got = run_graph(dst, x)
     w8, scale = quantize_weights(weights)
-    np.testing.assert_allclose(got[:, 1:], round_trip(x, first_token_apart=True)[:, 1:] @ (w8 * scale), rtol=1e-4,
-                               atol=1e-5)
-    np.testing.assert_allclose(got[:, 0], x[:, 0] @ weights, rtol=1e-5, atol=1e-6)  # fp32 input and weights
+    np.testing.assert_allclose(got, round_trip(x) @ (w8 * scale), rtol=1e-4, atol=1e-4)
     assert np.array_equal(got[2, 6], np.zeros(48, np.float32))
     # Each token on its own grid: the quiet tokens' error is far below what one scale per batch gives them.
     exact = x @ weights
-    batch_grid = np.round(x / (np.abs(x[:, 1:]).max() / 127)) * (np.abs(x[:, 1:]).max() / 127)
+    batch_grid = np.round(x / (np.abs(x).max() / 127)) * (np.abs(x).max() / 127)
     quiet = np.ones((3, 7), bool)
     quiet[:, 0], quiet[1, 3] = False, False
     assert np.abs(got - exact)[quiet].max() * 5 < np.abs(batch_grid @ (w8 * scale) - exact)[quiet].max()
     ops = [n.op_type for n in __import__("onnx").load(str(dst)).graph.node]
-    assert ops.count("MatMulIntegerToFloat") == 1 and ops.count("MatMul") == 1  # the one fp32 MatMul: token 0
+    assert ops.count("MatMulIntegerToFloat") == 1 and "MatMul" not in ops
 
 
 def test_rewrite_runs_one_token_texts_and_rows_without_tokens(tmp_path, weights):
     x = np.random.default_rng(5).normal(0, 1, (4, 1, 64)).astype(np.float32)
     dst = tmp_path / "int8.onnx"
-    rewrite_int8(one_matmul(tmp_path, weights, 3), dst, ["proj"], first_token_fp32={"x"})
-    np.testing.assert_allclose(run_graph(dst, x), x @ weights, rtol=1e-5, atol=1e-6)  # only first tokens: fp32
+    rewrite_int8(one_matmul(tmp_path, weights, 3), dst, ["proj"])
+    w8, scale = quantize_weights(weights)
+    np.testing.assert_allclose(run_graph(dst, x), round_trip(x) @ (w8 * scale), rtol=1e-4, atol=1e-5)
 
-    # A 2-D input (a Dense layer after pooling: one row per text) is rounded per row, nothing split off.
+    # A 2-D input (a Dense layer after pooling: one row per text) is rounded per row.
     rows = x[:, 0]
     rewrite_int8(one_matmul(tmp_path, weights, 2), dst, ["proj"])
-    w8, scale = quantize_weights(weights)
-    np.testing.assert_allclose(run_graph(dst, rows), round_trip(rows, first_token_apart=False) @ (w8 * scale),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(run_graph(dst, rows), round_trip(rows) @ (w8 * scale), rtol=1e-4, atol=1e-5)
 
 
 def test_smoothing_moves_an_outlier_channel_into_the_weights(tmp_path, weights):
@@ -273,7 +248,7 @@ def test_smoothing_moves_an_outlier_channel_into_the_weights(tmp_path, weights):
     got = run_graph(smoothed, x)
     # The rounding it documents: x * c on each token's grid, against the weights' rows divided by c.
     w8, scale = quantize_weights(weights / c[:, None])
-    np.testing.assert_allclose(got, round_trip(x * c, first_token_apart=False) @ (w8 * scale), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got, round_trip(x * c) @ (w8 * scale), rtol=1e-4, atol=1e-4)
     exact = x @ weights
     error = {name: np.linalg.norm(run_graph(path, x) - exact) for name, path in (("plain", plain), ("smoothed", smoothed))}
     assert error["smoothed"] * 2 < error["plain"], error
@@ -289,7 +264,7 @@ def test_batch_scales_round_on_the_batch_grid_and_take_the_bias_in(tmp_path, wei
     dst = tmp_path / "batch.onnx"
     rewrite_int8(one_matmul(tmp_path, weights, 3, bias), dst, ["proj"], smoothing={"x": c}, per_batch={"x"})
     w8, scale = quantize_weights(weights / c[:, None])
-    want = round_trip(x * c, first_token_apart=False, per_batch=True) @ (w8 * scale) + bias
+    want = round_trip(x * c, per_batch=True) @ (w8 * scale) + bias
     np.testing.assert_allclose(run_graph(dst, x), want, rtol=1e-4, atol=1e-4)
     # One grid for the batch: a token 40x louder coarsens every other token's rounding.
     loud = x.copy()

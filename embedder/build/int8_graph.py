@@ -1,5 +1,5 @@
-"""The int8 rewrite of a graph's weight MatMuls, with one of two recipes for what int8 rounds badly, chosen by
-the kind of CPU that exports (recipe_for).
+"""The int8 rewrite of a graph's weight MatMuls, with one of two recipes, chosen by the kind of CPU that
+exports (recipe_for).
 
 onnxruntime's dynamic quantization gives a whole batch one activation scale, so one token's outliers coarsen
 every other token's rounding. A scale per token avoids that (max |x| / 127, u8 about 128): the products are
@@ -9,35 +9,33 @@ by the token's scale.
 What rounds badly: in BERT-family encoders the first token ([CLS], <s>) is an attention sink that carries one
 massive channel (all-MiniLM-L6-v2: channel 99, max / rms about 19 in every layer's LayerNorm outputs; after
 GELU, one channel at 14-25 where the other tokens have about 0). Its own scale then rounds its other channels to
-zero, and attention carries the error to every token. Per token alone, min cosine 0.983 on the gate's
-multilingual mix. The recipes, all 36 MatMuls int8 (scripts/bench_int8.py --rows 1000; gate figures are
-docstrings / short sentences / multilingual mix; "VNNI without AMX" is the Xeon below with AMX masked by
-scripts/as_cpu.py, the int8 kernels of Zen 4/5 and Ice Lake Xeons, on Sapphire Rapids cores):
-- FIRST_TOKEN_FP32: a scale per token, each text's first token through the fp32 weights. Gate 0.9985 /
-  0.9979 / 0.9976; 1.69-1.79x fp32 on AVX-512 VNNI with AMX (Xeon, Sapphire Rapids, 2 threads), 1.44-1.46x on
-  VNNI without AMX, 1.25-1.34x on AVX2 (Zen 3; 1.30-1.32x on that Xeon masked to AVX2).
-- SMOOTHED: SmoothQuant (Xiao et al., 2022): each input channel scaled by c, the weights' rows by 1/c, which
-  moves part of an outlier channel's range into the weights; every token int8. Smoothed, one activation scale
-  per batch is enough (onnxruntime's DynamicQuantizeLinear, whose scale is computed once per shared input and
-  whose bias Add goes into the product), except at down-projections (batch_scaled). At alpha 0.6, 2.11x fp32
-  on VNNI with AMX, 1.80x on VNNI without it, gate 0.998 / 0.9965 / 0.9936; with a scale per token
-  everywhere (the recipe before), 1.67x and 1.59x, 0.9973 / 0.9968 / 0.9944.
-  Not on AVX2: smoothed activations fill the u8 range, and vpmaddubsw's int16 pair sums then saturate (gate
-  0.976 on Zen 3 for a scale per token; 0.947 with batch scales at alpha 0.6, masked; 7-bit weights avoid it but fall
-  to 0.991).
-Fewer fp32 first tokens do not pay on AVX2: on AVX2's int8 kernels (exact in their int8 products;
-scripts/gate_vectors.py --calibration, as scripts/bench_int8.py --avx2-gate runs the gate), the first token in
-fp32 only where a MatMul reads a LayerNorm output calibrates at 0.9937 on the multilingual mix (0.9972 on
-VNNI), so the export would keep MatMuls in fp32 there; at every MatMul, 0.9956. Nor do 7-bit activations (u8
-1..127, which cannot saturate) with smoothing and every token int8: 1.39x on the Xeon masked to AVX2, gate mix
-0.982-0.986 at alpha 0.6-0.7. u8 weights (u8 x u8 products, which MLAS widens to int16 on AVX2, exact) ran
-1.13x there.
+zero, and attention carries the error to every token: a scale per token alone reads min cosine 0.983 on the
+gate's multilingual mix. Both recipes use SmoothQuant (Xiao et al., 2022): each input channel scaled by c, the
+weights' rows by 1/c, which moves part of an outlier channel's range into the weights; every token int8.
+Figures: scripts/bench_int8.py --rows 1000, all 36 MatMuls int8, gate figures docstrings / short sentences /
+multilingual mix; "VNNI with AMX" is 2 cores of a Xeon (Sapphire Rapids), "VNNI without AMX" and "AVX2" that
+Xeon masked by scripts/as_cpu.py (AVX2's int8 numerics exactly, its speed a little above a real Zen 3's):
+- SMOOTHED (VNNI): one activation scale per batch is enough (onnxruntime's DynamicQuantizeLinear, whose scale
+  is computed once per shared input and whose bias Add goes into the product), except at down-projections
+  (batch_scaled). At alpha 0.6, 2.11x fp32 on VNNI with AMX, 1.80x on VNNI without it, gate 0.998 / 0.9965 /
+  0.9936.
+- SMOOTHED_7BIT (AVX2, AVX-512 without VNNI, other CPUs): a scale per token everywhere and 7-bit weights rounded
+  by GPTQ (embedder.build.gptq). AVX2 multiplies u8 x s8 with vpmaddubsw, whose int16 pair sums saturate
+  where smoothing fills both ranges (8-bit weights: gate 0.9845 / 0.9845 / 0.9815 on AVX2, 0.976 on the mix
+  on a real Zen 3); 255 * 63 * 2 < 32767 cannot. At alpha 0.6 on AVX2: gate 0.9974 / 0.9965 / 0.9916 with
+  GPTQ, 0.9948 / 0.9938 / 0.9876 rounded to nearest; 1.33x fp32 (bench_int8; the products are 62% of int8
+  kernel time). The job's export on AVX2 chose alpha 0.7: gate 0.9962 / 0.9969 / 0.9939, and in
+  scripts/bench.py it ran 1.37-1.59x fp32 where the recipe before ran 1.32-1.51x in the same paired runs (a
+  scale per token, 8-bit weights, not smoothed, each text's first token through the fp32 weights: its
+  Slice, fp32 product and Concat were 8% of int8 kernel time).
+  On AVX2, one scale per batch fails even with 7-bit GPTQ weights (mix 0.987-0.989 at every input but
+  down-projections, 0.990 at the query/key/value input alone; issue 16's notes), as do 7-bit activations
+  (u8 1..127, which cannot saturate; mix 0.982-0.986); u8 weights (u8 x u8 products, which MLAS widens to
+  int16 on AVX2, exact) ran 1.13x.
 
-Per input x that chosen MatMuls share (first token apart only for x of shape [batch, tokens, hidden]; a 2-D
-input, one row per text as a Dense layer after pooling takes, has none):
-    xs = x * c (smoothed); m = max(max(xs), -min(xs)) per token; q = QuantizeLinear(xs / m, 1/127, 128)
+Per input x that chosen MatMuls share:
+    xs = x * c; m = max(max(xs), -min(xs)) per token; q = QuantizeLinear(xs / m, 1/127, 128)
     per MatMul: MatMulIntegerToFloat(q, W8, 1/127, w_scale, 128) * m, W8 from W / c
-    first token apart: q and m without the first token, and Concat(x[:, :1] @ W, that) along the tokens
     per batch: q, step, zero = DynamicQuantizeLinear(xs); per MatMul MatMulIntegerToFloat(q, W8, step,
     w_scale, zero, bias) in place of the MatMul and its bias Add
 """
@@ -50,39 +48,44 @@ from pathlib import Path
 
 import numpy as np
 
-# In int8 cache keys. 4: smoothed with batch scales; 3: the recipes; 2: per token, first token fp32; 1: quantize_dynamic
-INT8_FORMAT = 4
+from embedder.build.gptq import gptq_round
 
-_LARGE = 2**62  # a Slice end past any sequence
+# In int8 cache keys. 5: smoothed with 7-bit GPTQ weights off VNNI; 4: smoothed with batch scales; 3: the
+# recipes; 2: per token, first token fp32; 1: quantize_dynamic
+INT8_FORMAT = 5
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """What the rewrite does about the values int8 rounds badly (the module's figures)."""
+    """How the rewrite quantizes (the module's figures)."""
 
     name: str
-    first_token_fp32: bool
-    smoothed: bool
     method: str  # for the manifest
-    per_batch: bool = False  # one activation scale per batch where batch_scaled says so
+    per_batch: bool  # one activation scale per batch where batch_scaled says so, else one per token
+    weight_bits: int  # 8, or 7 where the int8 products would saturate
+    gptq: bool  # weights rounded against the calibration inputs (embedder.build.gptq), else to nearest
 
 
-FIRST_TOKEN_FP32 = Recipe("first-token-fp32", True, False,
-                          "int8 per token: u8 activations with one scale per token, s8 weights with one scale per "
-                          "output column (onnxruntime MatMulIntegerToFloat), each text's first token in fp32")
-SMOOTHED = Recipe("smoothed-batch", False, True,
+SMOOTHED = Recipe("smoothed-batch",
                   "int8 smoothed: activation channels scaled into the weights (SmoothQuant), u8 activations with "
                   "one scale per batch (onnxruntime DynamicQuantizeLinear) except at down-projections (one scale per "
                   "token), s8 weights with one scale per output column (MatMulIntegerToFloat), every token int8",
-                  per_batch=True)
+                  per_batch=True, weight_bits=8, gptq=False)
+SMOOTHED_7BIT = Recipe("smoothed-7bit-gptq",
+                       "int8 smoothed: activation channels scaled into the weights (SmoothQuant), u8 activations "
+                       "with one scale per token, 7-bit weights (-63..63, so AVX2's int16 pair sums cannot saturate) "
+                       "with one scale per output column, rounded by GPTQ on the calibration texts "
+                       "(MatMulIntegerToFloat), every token int8",
+                       per_batch=False, weight_bits=7, gptq=True)
 # Tried in turn at export, the best on calibration kept: 0.5 is SmoothQuant's default. all-MiniLM-L6-v2's
-# calibration min cosine at 0.6 / 0.7 / 0.8: 0.9959 / 0.9943 / 0.978 (0.5: gate mix 0.991 against 0.993 at 0.6).
+# calibration min cosine with SMOOTHED at 0.6 / 0.7 / 0.8: 0.9959 / 0.9943 / 0.978 (0.5: gate mix 0.991
+# against 0.993 at 0.6).
 SMOOTHING_ALPHAS = (0.5, 0.6, 0.7)
 
 
 def recipe_for(isa_kind: str) -> Recipe:
-    """SMOOTHED where u8 x s8 products accumulate in int32 in one instruction (VNNI), else FIRST_TOKEN_FP32."""
-    return SMOOTHED if isa_kind in ("avx512-vnni", "avx-vnni") else FIRST_TOKEN_FP32
+    """SMOOTHED where u8 x s8 products accumulate in int32 in one instruction (VNNI), else SMOOTHED_7BIT."""
+    return SMOOTHED if isa_kind in ("avx512-vnni", "avx-vnni") else SMOOTHED_7BIT
 
 
 def batch_scaled(inputs: Mapping[str, Sequence[np.ndarray]]) -> set[str]:
@@ -93,26 +96,26 @@ def batch_scaled(inputs: Mapping[str, Sequence[np.ndarray]]) -> set[str]:
     return {x for x, ws in inputs.items() if all(w.shape[0] <= w.shape[1] for w in ws)}
 
 
-def quantize_weights(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(s8 values, one fp32 scale per output column) of a [in, out] weight matrix, symmetric."""
-    scale = (np.maximum(np.abs(w).max(axis=0), 1e-12) / 127).astype(np.float32)
-    return np.clip(np.round(w / scale), -127, 127).astype(np.int8), scale
+def quantize_weights(w: np.ndarray, bits: int = 8, gram: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 values in +-(2^(bits-1) - 1), one fp32 scale per output column) of a [in, out] weight matrix,
+    symmetric: rounded to nearest, or by GPTQ against gram (X^T X of the inputs it multiplies)."""
+    levels = 2 ** (bits - 1) - 1
+    if gram is not None:
+        return gptq_round(w, gram, levels)
+    scale = (np.maximum(np.abs(w).max(axis=0), 1e-12) / levels).astype(np.float32)
+    return np.clip(np.round(w / scale), -levels, levels).astype(np.int8), scale
 
 
-def round_trip(x: np.ndarray, first_token_apart: bool, per_batch: bool = False) -> np.ndarray:
-    """x ([..., hidden]) as the rewritten graph's activations see it: rounded to its per-token int8 grid, the
-    first token of each text (axis -2, where first_token_apart) left exact; or, per_batch, to the u8 grid of
-    the whole batch's range and zero (DynamicQuantizeLinear's)."""
+def round_trip(x: np.ndarray, per_batch: bool = False) -> np.ndarray:
+    """x ([..., hidden]) as the rewritten graph's activations see it: rounded to its per-token int8 grid or,
+    per_batch, to the u8 grid of the whole batch's range and zero (DynamicQuantizeLinear's)."""
     if per_batch:
         low, high = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
         step = max(high - low, 1e-12) / 255
         zero = np.clip(np.round(-low / step), 0, 255)
         return (np.clip(np.round(x / step) + zero, 0, 255) - zero) * step
     scale = np.maximum(np.abs(x).max(axis=-1, keepdims=True), 1e-12) / 127
-    rounded = np.clip(np.round(x / scale), -127, 127) * scale
-    if first_token_apart:
-        rounded[..., 0, :] = x[..., 0, :]
-    return rounded
+    return np.clip(np.round(x / scale), -127, 127) * scale
 
 
 def smoothing_factors(input_max: np.ndarray, weights: Sequence[np.ndarray], alpha: float) -> np.ndarray:
@@ -123,14 +126,15 @@ def smoothing_factors(input_max: np.ndarray, weights: Sequence[np.ndarray], alph
     return (c / c.max()).astype(np.float32)
 
 
-def rewrite_int8(src: Path, dst: Path, nodes: Sequence[str], first_token_fp32: Collection[str] = (),
-                 smoothing: Mapping[str, np.ndarray] | None = None, per_batch: Collection[str] = ()) -> None:
-    """Write src with these weight MatMuls in int8 to dst. first_token_fp32: the MatMul inputs, shaped [batch,
-    tokens, hidden], whose first token stays fp32 (known from a run: the exported graphs' shapes are symbolic).
-    smoothing: the channel multipliers (smoothing_factors) of the inputs to smooth. per_batch: the inputs
-    quantized with one scale per batch instead (onnxruntime's DynamicQuantizeLinear: u8 from the batch's min
-    and max, once per input whatever the MatMuls sharing it)."""
-    smoothing = smoothing or {}
+def rewrite_int8(src: Path, dst: Path, nodes: Sequence[str], smoothing: Mapping[str, np.ndarray] | None = None,
+                 per_batch: Collection[str] = (), weight_bits: int = 8,
+                 grams: Mapping[str, np.ndarray] | None = None) -> None:
+    """Write src with these weight MatMuls in int8 to dst. smoothing: the channel multipliers
+    (smoothing_factors) of the inputs to smooth. per_batch: the inputs quantized with one scale per batch
+    instead of per token (onnxruntime's DynamicQuantizeLinear: u8 from the batch's min and max, once per input
+    whatever the MatMuls sharing it). weight_bits: 8, or 7 where products must not saturate. grams: X^T X of
+    the inputs (before smoothing) whose MatMuls' weights GPTQ rounds; the others are rounded to nearest."""
+    smoothing, grams = smoothing or {}, grams or {}
     import onnx
     from onnx import helper, numpy_helper
 
@@ -145,8 +149,7 @@ def rewrite_int8(src: Path, dst: Path, nodes: Sequence[str], first_token_fp32: C
             shared.setdefault(node.input[0], []).append(node)
     added = [numpy_helper.from_array(np.array(value, dtype), name) for name, value, dtype in (
         ("i8_step", 1 / 127, np.float32), ("i8_tiny", 1e-12, np.float32),
-        ("i8_zero_point", 128, np.uint8), ("i8_last_axis", [-1], np.int64), ("i8_0", [0], np.int64),
-        ("i8_1", [1], np.int64), ("i8_end", [_LARGE], np.int64))]
+        ("i8_zero_point", 128, np.uint8), ("i8_last_axis", [-1], np.int64))]
 
     def reduce(op: str, x: str, out: str):
         if opset < 18:
@@ -164,7 +167,11 @@ def rewrite_int8(src: Path, dst: Path, nodes: Sequence[str], first_token_fp32: C
         """The node's weights, divided by c where smoothed, as s8 initializers name+"w" and name+"w_scale";
         returns their column count."""
         w = numpy_helper.to_array(weights[node.input[1]]).astype(np.float32)
-        w8, w_scale = quantize_weights(w if c is None else w / c[:, None])
+        gram = grams.get(node.input[0])
+        if c is not None:
+            # y = (x c)(W / c): the smoothed input's Gram matrix is c X^T X c.
+            w, gram = w / c[:, None], None if gram is None else gram * np.outer(c, c)
+        w8, w_scale = quantize_weights(w, weight_bits, gram)
         added.extend([numpy_helper.from_array(w8, name + "w"), numpy_helper.from_array(w_scale, name + "w_scale")])
         return w.shape[1]
 
@@ -178,7 +185,6 @@ def rewrite_int8(src: Path, dst: Path, nodes: Sequence[str], first_token_fp32: C
 
     for index, (x, members) in enumerate(shared.items()):
         p = f"i8_{index}_"
-        split = x in first_token_fp32
         c = smoothing.get(x)
         source, prelude = x, []
         if c is not None:
@@ -209,23 +215,13 @@ def rewrite_int8(src: Path, dst: Path, nodes: Sequence[str], first_token_fp32: C
                     # x / max|x| on the grid of 1/127: the 127 lives in the constant scales, not in an op.
                     helper.make_node("Div", [source, p + "scale"], [p + "scaled"]),
                     helper.make_node("QuantizeLinear", [p + "scaled", "i8_step", "i8_zero_point"], [p + "q"])]
-        q, scale = p + "q", p + "scale"
-        if split:
-            prelude += [helper.make_node("Slice", [p + "q", "i8_1", "i8_end", "i8_1"], [p + "q_rest"]),
-                        helper.make_node("Slice", [p + "scale", "i8_1", "i8_end", "i8_1"], [p + "scale_rest"]),
-                        helper.make_node("Slice", [x, "i8_0", "i8_1", "i8_1"], [p + "first"])]
-            q, scale = p + "q_rest", p + "scale_rest"
         for j, node in enumerate(members):
             name = f"{p}{j}_"
             int8_weights(node, c, name)
-            scaled = name + "rest" if split else node.output[0]
             replacement[node.name] = (prelude if j == 0 else []) + [
-                helper.make_node("MatMulIntegerToFloat", [q, name + "w", "i8_step", name + "w_scale", "i8_zero_point"],
-                                 [name + "y"], domain="com.microsoft"),
-                helper.make_node("Mul", [name + "y", scale], [scaled])]
-            if split:
-                replacement[node.name] += [helper.make_node("MatMul", [p + "first", node.input[1]], [name + "first"]),
-                                           helper.make_node("Concat", [name + "first", scaled], [node.output[0]], axis=1)]
+                helper.make_node("MatMulIntegerToFloat", [p + "q", name + "w", "i8_step", name + "w_scale",
+                                                          "i8_zero_point"], [name + "y"], domain="com.microsoft"),
+                helper.make_node("Mul", [name + "y", p + "scale"], [node.output[0]])]
     rewritten = [new for node in graph.node if node.name not in dropped for new in replacement.get(node.name, [node])]
     del graph.node[:]
     graph.node.extend(rewritten)

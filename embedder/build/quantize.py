@@ -1,16 +1,17 @@
 """int8 graphs for the CPU that keep quality: every weight MatMul int8, in the recipe that suits the exporting
-CPU (embedder.build.int8_graph: activation scales per token or, smoothed, per batch), the sensitive ones left
-in fp32 only where the calibration sample asks for it, gated on another sample.
+CPU (embedder.build.int8_graph: smoothed, activation scales per batch or per token, weights of 8 bits or of
+7 rounded by GPTQ), the sensitive ones left in fp32 only where the calibration sample asks for it, gated on
+another sample.
 
 The search: the fp32 graph runs the calibration texts once with every candidate's input exposed, for each
-input's channel ranges (the smoothed recipe's factors) and whether it is per token. Everything int8 is tried
-first, the usual answer (all-MiniLM-L6-v2: calibration and gate above 0.995 with all 36 MatMuls int8); the
-smoothed recipe tries each alpha of SMOOTHING_ALPHAS there and keeps the best. If that misses the calibration
-target, each product's own int8 error is computed in numpy from the exposed inputs (the rewrite's rounding),
-and the worst go back to fp32, as few as reach it (a bisection over how many: about log2(MatMuls)
-quantize-and-run trials, not one per MatMul). The result must then pass the gate on each domain's report
-texts, which the search never saw, or the export refuses. Last, the export times int8 against fp32 on this
-CPU and records the ratio with the ISA (embedder.build.isa).
+input's channel ranges (the smoothing factors) and, where the recipe rounds weights by GPTQ, its Gram matrix
+X^T X over the real (unpadded) tokens. Everything int8 is tried first, the usual answer (all-MiniLM-L6-v2:
+calibration and gate above 0.99 with all 36 MatMuls int8), at each alpha of SMOOTHING_ALPHAS, the best kept.
+If that misses the calibration target, each product's own int8 error is computed in numpy from the exposed
+inputs (the rewrite's rounding), and the worst go back to fp32, as few as reach it (a bisection over how
+many: about log2(MatMuls) quantize-and-run trials, not one per MatMul). The result must then pass the gate
+on each domain's report texts, which the search never saw, or the export refuses. Last, the export times
+int8 against fp32 on this CPU and records the ratio with the ISA (embedder.build.isa).
 
 Measured with scripts/bench_int8.py, 1,000 docstring rows, every weight MatMul int8: onnxruntime's
 quantize_dynamic (one activation scale per batch) ran 1.45-1.63x fp32 on AVX2 (Zen 3) but at min cosine 0.967
@@ -76,8 +77,7 @@ def quantize_int8(graph_path: Path, feeds_for: Feeds, min_cosine: float | None =
     logger.info("int8: %s recipe for this %s CPU; %d MatMuls, %d calibration texts", recipe.name, isa["kind"],
                 len(candidates), len(calibration))
     probe_feeds = feeds_for(calibration, 16)
-    input_max, token_level = channel_max(graph_path, [n.input[0] for n in candidates], probe_feeds)
-    first_token_fp32 = token_level if recipe.first_token_fp32 else set()
+    input_max, grams = input_statistics(graph_path, [n.input[0] for n in candidates], probe_feeds, recipe.gptq)
     members = {x: [numpy_helper.to_array(weights[n.input[1]]) for n in candidates if n.input[0] == x] for x in input_max}
     per_batch = batch_scaled(members) if recipe.per_batch else set()
     target = 1 - (1 - min_cosine) * _CALIBRATION_MARGIN
@@ -85,7 +85,7 @@ def quantize_int8(graph_path: Path, feeds_for: Feeds, min_cosine: float | None =
     trials: list[dict] = []
 
     def calibrated(int8_names: list[str], smoothing: dict | None, **record) -> float:
-        rewrite_int8(graph_path, trial, int8_names, first_token_fp32, smoothing, per_batch)
+        rewrite_int8(graph_path, trial, int8_names, smoothing, per_batch, recipe.weight_bits, grams)
         worst = float(row_cosines(run(trial, calib_feeds), reference).min())
         trials.append({**record, "calibration_min_cosine": round(worst, 6)})
         logger.info("int8: %s: calibration min cosine %.5f (target %.4f) [%.0f s]",
@@ -93,21 +93,18 @@ def quantize_int8(graph_path: Path, feeds_for: Feeds, min_cosine: float | None =
         return worst
 
     try:
-        smoothing, alpha = None, None
-        if recipe.smoothed:
-            by_alpha = {a: {x: smoothing_factors(m, members[x], a) for x, m in input_max.items()}
-                        for a in SMOOTHING_ALPHAS}
-            scores = {a: calibrated(names, s, alpha=a, fp32_nodes=0) for a, s in by_alpha.items()}
-            alpha = max(scores, key=scores.__getitem__)
-            smoothing, all_int8 = by_alpha[alpha], scores[alpha]
-        else:
-            all_int8 = calibrated(names, None, fp32_nodes=0)
+        by_alpha = {a: {x: smoothing_factors(m, members[x], a) for x, m in input_max.items()}
+                    for a in SMOOTHING_ALPHAS}
+        scores = {a: calibrated(names, s, alpha=a, fp32_nodes=0) for a, s in by_alpha.items()}
+        alpha = max(scores, key=scores.__getitem__)
+        smoothing, all_int8 = by_alpha[alpha], scores[alpha]
         ranked = names
         if all_int8 >= target:
             count = 0
         else:
             logger.info("int8: ranking the MatMuls by their own int8 error to keep the worst in fp32")
-            errors = _sensitivity(graph_path, candidates, weights, probe_feeds, first_token_fp32, smoothing, per_batch)
+            errors = _sensitivity(graph_path, candidates, weights, probe_feeds, smoothing, per_batch,
+                                  recipe.weight_bits, grams)
             # Ranked by error alone: ranked per weight element (keeping the cheap attention products in fp32
             # first) it needed 32 of 36 in fp32 instead of 22 on all-MiniLM-L6-v2, and ran slower.
             ranked = sorted(names, key=errors.__getitem__, reverse=True)
@@ -116,7 +113,7 @@ def quantize_int8(graph_path: Path, feeds_for: Feeds, min_cosine: float | None =
             raise ExportError(f"int8 quantization cannot reach min cosine {min_cosine} against fp32 even with one "
                               "MatMul quantized; use --precision fp32")
         excluded, kept = ranked[:count], ranked[count:]
-        rewrite_int8(graph_path, trial, kept, first_token_fp32, smoothing, per_batch)
+        rewrite_int8(graph_path, trial, kept, smoothing, per_batch, recipe.weight_bits, grams)
         gate = _gate(run, graph_path, trial, sample, feeds_for, min_cosine)
         speed = _speed(graph_path, trial, feeds_for(list(sample[0].gate[:_SPEED_TEXTS]), 32))
         trial.replace(graph_path)
@@ -132,7 +129,9 @@ def quantize_int8(graph_path: Path, feeds_for: Feeds, min_cosine: float | None =
     return {
         "method": recipe.method,
         "recipe": recipe.name,
-        **({"smoothing_alpha": alpha} if alpha is not None else {}),
+        "smoothing_alpha": alpha,
+        "weight_bits": recipe.weight_bits,
+        "weight_rounding": "gptq" if recipe.gptq else "nearest",
         "quantized_nodes": len(kept),
         "fp32_nodes": excluded,
         "search": {"order": "every MatMul int8 first; if that misses the calibration target, the worst by their own "
@@ -181,26 +180,25 @@ def _fewest(passes: Callable[[int], bool], most: int) -> int | None:
     return high if high <= most else None
 
 
-def _sensitivity(graph_path: Path, candidates: list, weights: dict, feeds: list[dict],
-                 first_token_fp32: set[str], smoothing: dict | None, per_batch: set[str]) -> dict[str, float]:
+def _sensitivity(graph_path: Path, candidates: list, weights: dict, feeds: list[dict], smoothing: dict,
+                 per_batch: set[str], weight_bits: int, grams: dict[str, np.ndarray]) -> dict[str, float]:
     """Each MatMul's relative output error with only itself in int8, worst over the batches, from one fp32 run;
     the rounding is the rewrite's (embedder.build.int8_graph)."""
     from onnx import numpy_helper
 
-    smoothing = smoothing or {}
     quantized = {}
     for node in candidates:
         w = numpy_helper.to_array(weights[node.input[1]]).astype(np.float32)
         c = smoothing.get(node.input[0], np.ones(w.shape[0], np.float32))
-        w8, scale = quantize_weights(w / c[:, None])
+        gram = grams.get(node.input[0])
+        w8, scale = quantize_weights(w / c[:, None], weight_bits, None if gram is None else gram * np.outer(c, c))
         quantized[node.name] = (w, w8 * scale, c)
     errors = dict.fromkeys(quantized, 0.0)
     for values in _probe(graph_path, [n.input[0] for n in candidates], feeds):
         for node in candidates:
             x = values[node.input[0]]
             w, wq, c = quantized[node.name]
-            xq = round_trip(x * c, first_token_apart=node.input[0] in first_token_fp32,
-                            per_batch=node.input[0] in per_batch).reshape(-1, x.shape[-1])
+            xq = round_trip(x * c, per_batch=node.input[0] in per_batch).reshape(-1, x.shape[-1])
             x = x.reshape(-1, x.shape[-1])
             sample = slice(None, None, max(1, len(x) // _SENSITIVITY_TOKENS))  # numpy is slow
             y = x[sample] @ w
@@ -209,17 +207,22 @@ def _sensitivity(graph_path: Path, candidates: list, weights: dict, feeds: list[
     return errors
 
 
-def channel_max(graph_path: Path, inputs: list[str], feeds: list[dict]) -> tuple[dict[str, np.ndarray], set[str]]:
-    """(max |x| per channel of each of these tensors over the feeds, those shaped [batch, tokens, hidden])."""
+def input_statistics(graph_path: Path, inputs: list[str], feeds: list[dict],
+                     grams: bool = False) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(max |x| per channel of each of these tensors over the feeds, and where grams is asked for, X^T X of its
+    rows: the tokens under the attention mask of a [batch, tokens, hidden] tensor, every row of a 2-D one).
+    The max counts padded tokens too: a batch's activation scale does."""
     highest: dict[str, np.ndarray] = {}
-    token_level: set[str] = set()
-    for values in _probe(graph_path, inputs, feeds):
+    gram: dict[str, np.ndarray] = {}
+    for feed, values in zip(feeds, _probe(graph_path, inputs, feeds)):
+        real = feed["attention_mask"].astype(bool)
         for name, value in values.items():
-            if value.ndim == 3:
-                token_level.add(name)
             high = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
             highest[name] = np.maximum(highest[name], high) if name in highest else high
-    return highest, token_level
+            if grams:
+                rows = value[real] if value.ndim == 3 else value.reshape(-1, value.shape[-1])
+                gram[name] = gram[name] + rows.T @ rows if name in gram else rows.T @ rows
+    return highest, gram
 
 
 def _probe(graph_path: Path, inputs: list[str], feeds: list[dict]) -> Iterator[dict[str, np.ndarray]]:
