@@ -80,6 +80,20 @@ def test_each_recipe_passes_its_gate_whatever_cpu_exports(recipe, model_zoo, tmp
     assert cosines(got, want).min() >= 0.99
 
 
+@pytest.mark.parametrize("family", ["roberta", "distilbert", "xlmr", "bert_weightedmean"])
+def test_the_7bit_recipe_exports_every_family(family, model_zoo, tmp_path, monkeypatch):
+    # Other attention sinks (<s>), other graphs, and Dense layers after pooling, whose inputs are one row per text.
+    monkeypatch.setattr(quantize, "recipe_for", lambda kind: SMOOTHED_7BIT)
+    spec = load_spec(model_zoo.model_arg(family))
+    artifact = get_or_export(spec, ExportOptions(precision="int8"), tmp_path)
+    quantization = artifact.manifest.record["quantization"]
+    assert quantization["recipe"] == SMOOTHED_7BIT.name and quantization["weight_rounding"] == "gptq"
+    assert quantization["gate"]["min_cosine"] >= 0.99 and quantization["quantized_nodes"] > 0
+    got = onnx_vectors(artifact, TEXTS)
+    want = onnx_vectors(get_or_export(spec, ExportOptions(), tmp_path), TEXTS)
+    assert cosines(got, want).min() >= 0.99
+
+
 def exported_fp32(model_zoo, tmp_path):
     return get_or_export(load_spec(model_zoo.model_arg("bert")), ExportOptions(), tmp_path)
 

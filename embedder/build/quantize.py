@@ -210,7 +210,7 @@ def _sensitivity(graph_path: Path, candidates: list, weights: dict, feeds: list[
 def input_statistics(graph_path: Path, inputs: list[str], feeds: list[dict],
                      grams: bool = False) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(max |x| per channel of each of these tensors over the feeds, and where grams is asked for, X^T X of its
-    rows: the tokens under the attention mask of a [batch, tokens, hidden] tensor, every row of a 2-D one).
+    rows: the tokens under the attention mask of a [batch, tokens, hidden] tensor, every row of another).
     The max counts padded tokens too: a batch's activation scale does."""
     highest: dict[str, np.ndarray] = {}
     gram: dict[str, np.ndarray] = {}
@@ -220,7 +220,8 @@ def input_statistics(graph_path: Path, inputs: list[str], feeds: list[dict],
             high = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
             highest[name] = np.maximum(highest[name], high) if name in highest else high
             if grams:
-                rows = value[real] if value.ndim == 3 else value.reshape(-1, value.shape[-1])
+                tokens = value.ndim == 3 and value.shape[:2] == real.shape
+                rows = value[real] if tokens else value.reshape(-1, value.shape[-1])
                 gram[name] = gram[name] + rows.T @ rows if name in gram else rows.T @ rows
     return highest, gram
 
