@@ -25,9 +25,9 @@ Xeon masked by scripts/as_cpu.py (AVX2's int8 numerics exactly, its speed a litt
   on a real Zen 3); 255 * 63 * 2 < 32767 cannot. At alpha 0.6 on AVX2: gate 0.9974 / 0.9965 / 0.9916 with
   GPTQ, 0.9948 / 0.9938 / 0.9876 rounded to nearest; 1.33x fp32 (bench_int8; the products are 62% of int8
   kernel time). The job's export on AVX2 chose alpha 0.7: gate 0.9962 / 0.9969 / 0.9939, and in
-  scripts/bench.py it ran 1.37-1.59x fp32 where the recipe before ran 1.32-1.51x in the same paired runs (a
+  scripts/bench.py it ran 1.51x fp32 (5 paired runs) where the recipe before ran 1.47x in the same runs (a
   scale per token, 8-bit weights, not smoothed, each text's first token through the fp32 weights: its
-  Slice, fp32 product and Concat were 8% of int8 kernel time).
+  Slice, fp32 product and Concat were 8% of int8 kernel time, its fp32 weights 42 MB of a 101 MB graph).
   On AVX2, one scale per batch fails even with 7-bit GPTQ weights (mix 0.987-0.989 at every input but
   down-projections, 0.990 at the query/key/value input alone; issue 16's notes), as do 7-bit activations
   (u8 1..127, which cannot saturate; mix 0.982-0.986); u8 weights (u8 x u8 products, which MLAS widens to
