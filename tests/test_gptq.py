@@ -68,3 +68,13 @@ def test_rewrite_rounds_each_weight_by_gptq_against_its_smoothed_input(tmp_path)
     w7, scale = quantize_weights(w / c[:, None], 7, (rows * c).T @ (rows * c))
     assert np.abs(w7.astype(int)).max() <= 63
     np.testing.assert_allclose(run_graph(dst, x), round_trip(x * c) @ (w7 * scale), rtol=1e-4, atol=1e-4)
+
+
+def test_fewer_rows_than_channels_still_round_well():
+    # A Dense layer after pooling sees one row per calibration text: its Gram matrix can be rank-deficient.
+    x = correlated_inputs(20, 96, seed=9)
+    w = np.random.default_rng(10).normal(0, 0.05, (96, 40)).astype(np.float32)
+    gptq, scale = quantize_weights(w, 7, x.T @ x)
+    nearest, _ = quantize_weights(w, 7)
+    assert np.isfinite(scale).all() and np.abs(gptq.astype(int)).max() <= 63
+    assert np.linalg.norm(x @ (gptq * scale - w)) < np.linalg.norm(x @ (nearest * scale - w))
