@@ -28,8 +28,9 @@ per operator type. Prints one JSON line with the CPU's ISA kind.
 gate texts as on an AVX2-only CPU (scripts/as_cpu.py: cpuid masked at native speed where the CPU faults on
 cpuid, else qemu-user's Haswell, about 700x slower). onnxruntime then takes its AVX2 kernels, whose vpmaddubsw
 saturates its int16 pair sums, so the integer products are AVX2's bit for bit: the AVX2 recipe before
-(`per-token` at bee7c3b) read 0.9953 on the multilingual mix so, both ways, and on a real Zen 3. To time the variants on AVX2's
-kernels too, run the whole script that way: python scripts/as_cpu.py avx2 -- python scripts/bench_int8.py ...
+(`per-token` at bee7c3b) read 0.9953 on the multilingual mix so, both ways, and on a real Zen 3. To time the
+variants on AVX2's kernels too, run the whole script that way:
+python scripts/as_cpu.py avx2 -- python scripts/bench_int8.py ...
 """
 
 from __future__ import annotations

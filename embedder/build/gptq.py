@@ -22,11 +22,11 @@ _DAMPING = 0.01  # of the Gram matrix's mean diagonal, added to it: the paper's 
 _BLOCK = 128  # rows whose error updates the rest at once (the paper's lazy batch update; same result)
 
 
-def gptq_round(w: np.ndarray, gram: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
-    """(int8 values in -levels..levels, one fp32 scale per output column) of a [in, out] weight matrix, rounded
-    against gram ([in, in], X^T X of the inputs it multiplies)."""
+def gptq_round(w: np.ndarray, scale: np.ndarray, gram: np.ndarray, levels: int) -> np.ndarray:
+    """The int8 values in -levels..levels of a [in, out] weight matrix on the grid of scale (one per output
+    column), rounded against gram ([in, in], X^T X of the inputs it multiplies)."""
     weights = w.astype(np.float64)
-    scale = np.maximum(np.abs(weights).max(axis=0), 1e-12) / levels
+    scale = scale.astype(np.float64)
     gram = gram.astype(np.float64)  # a copy: the caller's stays as it was
     unused = np.diag(gram) == 0  # an input channel that was always 0: its weights never count
     gram[unused, unused] = 1
@@ -47,4 +47,4 @@ def gptq_round(w: np.ndarray, gram: np.ndarray, levels: int) -> tuple[np.ndarray
         weights[stop:] -= inverse[start:stop, stop:].T @ errors
     values = np.empty_like(rounded)
     values[order] = rounded
-    return values.astype(np.int8), scale.astype(np.float32)
+    return values.astype(np.int8)

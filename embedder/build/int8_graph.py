@@ -28,10 +28,9 @@ Xeon masked by scripts/as_cpu.py (AVX2's int8 numerics exactly, its speed a litt
   scripts/bench.py it ran 1.51x fp32 (5 paired runs) where the recipe before ran 1.47x in the same runs (a
   scale per token, 8-bit weights, not smoothed, each text's first token through the fp32 weights: its
   Slice, fp32 product and Concat were 8% of int8 kernel time, its fp32 weights 42 MB of a 101 MB graph).
-  On AVX2, one scale per batch fails even with 7-bit GPTQ weights (mix 0.987-0.989 at every input but
-  down-projections, 0.990 at the query/key/value input alone; issue 16's notes), as do 7-bit activations
-  (u8 1..127, which cannot saturate; mix 0.982-0.986); u8 weights (u8 x u8 products, which MLAS widens to
-  int16 on AVX2, exact) ran 1.13x.
+  On AVX2, one scale per batch fails the gate's mix even with 7-bit GPTQ weights (scratch runs, figures in
+  issue 16's notes), as do 7-bit activations (u8 1..127, which cannot saturate; mix 0.982-0.986); u8
+  weights (u8 x u8 products, which MLAS widens to int16 on AVX2, exact) ran 1.13x.
 
 Per input x that chosen MatMuls share:
     xs = x * c; m = max(max(xs), -min(xs)) per token; q = QuantizeLinear(xs / m, 1/127, 128)
@@ -100,10 +99,20 @@ def quantize_weights(w: np.ndarray, bits: int = 8, gram: np.ndarray | None = Non
     """(int8 values in +-(2^(bits-1) - 1), one fp32 scale per output column) of a [in, out] weight matrix,
     symmetric: rounded to nearest, or by GPTQ against gram (X^T X of the inputs it multiplies)."""
     levels = 2 ** (bits - 1) - 1
+    step = np.maximum(np.abs(w).max(axis=0), 1e-12).astype(np.float64) / levels
+    scale = step.astype(np.float32)
     if gram is not None:
-        return gptq_round(w, gram, levels)
-    scale = (np.maximum(np.abs(w).max(axis=0), 1e-12) / levels).astype(np.float32)
+        return gptq_round(w, step, gram, levels), scale
     return np.clip(np.round(w / scale), -levels, levels).astype(np.int8), scale
+
+
+def smoothed_weights(w: np.ndarray, c: np.ndarray | None, bits: int = 8,
+                     gram: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """quantize_weights of W / c (W where c is None), whose inputs are x c: GPTQ rounds it against c X^T X c,
+    given gram, X^T X of the unsmoothed inputs."""
+    if c is None:
+        return quantize_weights(w, bits, gram)
+    return quantize_weights(w / c[:, None], bits, None if gram is None else gram * np.outer(c, c))
 
 
 def round_trip(x: np.ndarray, per_batch: bool = False) -> np.ndarray:
@@ -167,11 +176,7 @@ def rewrite_int8(src: Path, dst: Path, nodes: Sequence[str], smoothing: Mapping[
         """The node's weights, divided by c where smoothed, as s8 initializers name+"w" and name+"w_scale";
         returns their column count."""
         w = numpy_helper.to_array(weights[node.input[1]]).astype(np.float32)
-        gram = grams.get(node.input[0])
-        if c is not None:
-            # y = (x c)(W / c): the smoothed input's Gram matrix is c X^T X c.
-            w, gram = w / c[:, None], None if gram is None else gram * np.outer(c, c)
-        w8, w_scale = quantize_weights(w, weight_bits, gram)
+        w8, w_scale = smoothed_weights(w, c, weight_bits, grams.get(node.input[0]))
         added.extend([numpy_helper.from_array(w8, name + "w"), numpy_helper.from_array(w_scale, name + "w_scale")])
         return w.shape[1]
 

@@ -31,10 +31,10 @@ from embedder.build.gate import domains, row_cosines
 from embedder.build.int8_graph import (
     SMOOTHING_ALPHAS,
     batch_scaled,
-    quantize_weights,
     recipe_for,
     rewrite_int8,
     round_trip,
+    smoothed_weights,
     smoothing_factors,
 )
 from embedder.build.isa import FASTER_RATIO, describe
@@ -190,8 +190,7 @@ def _sensitivity(graph_path: Path, candidates: list, weights: dict, feeds: list[
     for node in candidates:
         w = numpy_helper.to_array(weights[node.input[1]]).astype(np.float32)
         c = smoothing.get(node.input[0], np.ones(w.shape[0], np.float32))
-        gram = grams.get(node.input[0])
-        w8, scale = quantize_weights(w / c[:, None], weight_bits, None if gram is None else gram * np.outer(c, c))
+        w8, scale = smoothed_weights(w, c, weight_bits, grams.get(node.input[0]))
         quantized[node.name] = (w, w8 * scale, c)
     errors = dict.fromkeys(quantized, 0.0)
     for values in _probe(graph_path, [n.input[0] for n in candidates], feeds):
